@@ -1,0 +1,1 @@
+"""Routing decisions: pure functions over replica snapshots. Imports nothing of `gateway`, no I/O."""
