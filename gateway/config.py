@@ -230,3 +230,44 @@ def _field_first(message: str) -> str:
 
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return load_struct(path, GatewayConfig)
+
+
+class ReplicaSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """One replica in the admin API's desired set (what the sidecar PUTs)."""
+
+    id: str
+    model: str
+    url: str
+    engine: Engine = "vllm"
+    capacity: int = 64
+    labels: dict[str, str] = {}
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        ReplicaConfig(self.id, self.url, self.engine, self.capacity, self.labels, self.draining)
+
+
+class ReplicaSet(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `PUT /admin/v1/replicas`: the full desired set, applied atomically."""
+
+    generation: int
+    replicas: list[ReplicaSpec]
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for spec in self.replicas:
+            if spec.id in seen:
+                raise ValueError(f"replica id {spec.id!r} appears twice")
+            seen.add(spec.id)
+
+
+def replica_set_from_config(config: GatewayConfig) -> ReplicaSet:
+    """Generation 0: the replicas named in the config file."""
+    return ReplicaSet(
+        generation=0,
+        replicas=[
+            ReplicaSpec(r.id, pool.model, r.url, r.engine, r.capacity, dict(r.labels), r.draining)
+            for pool in config.pools
+            for r in pool.replicas
+        ],
+    )
