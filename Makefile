@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck pytest bench bench-sim bench-proxies bench-routing clean
+.PHONY: run test lint typecheck pytest bench bench-sim bench-proxies bench-routing bench-gateway clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-sim: $(STAMP_TEST)
 
 bench-proxies: $(STAMP_TEST)
 	$(BIN)/python loadtests/bench_proxies.py
+	$(BIN)/python loadtests/bench_scrape.py
+
+bench-gateway: $(STAMP_TEST)
+	$(BIN)/python loadtests/bench_gateway.py
 
 bench-routing: $(STAMP_TEST)
 	$(BIN)/python loadtests/bench_decision.py

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import islice
 from urllib.parse import urlsplit
 
 from gateway.config import ReplicaSpec, RetryConfig
@@ -192,8 +193,9 @@ class Pool:
         """A slot on the best-ranked replica that has one, without waiting. Never jumps the queue."""
         if self.waiters:
             return None
+        now = time.monotonic()
         for replica in ranked:
-            if replica.in_flight < replica.capacity and not replica.removed and not replica.draining:
+            if replica.in_flight < replica.capacity and replica.eligible(now):
                 return self._take(replica, tokens)
         return None
 
@@ -209,6 +211,9 @@ class Pool:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), ranked, tokens)
         self.waiters.append(waiter)
+        # The waiters ahead may be unable to use a free replica this one ranks (their rankings are
+        # older): hand it over now rather than at the next release.
+        self.pump()
         timeout = deadline - time.monotonic()
         try:
             if timeout <= 0:
@@ -234,32 +239,58 @@ class Pool:
             fut.cancel()
 
     def pump(self) -> None:
-        """Hand free slots to waiters in arrival order."""
+        """Hand free slots to waiters in arrival order.
+
+        Only replicas that are still eligible (healthy, not draining, removed or ejected) are handed
+        out: a waiter's ranking may be older than the replica's last health change. Stops as soon as
+        the pool has no free slot left, so a release in a saturated pool costs O(replicas), not
+        O(waiters x replicas).
+        """
         waiters = self.waiters
-        while waiters:
+        if not waiters:
+            return
+        now = time.monotonic()
+        room = self._room(now)
+        while waiters and room > 0:
             head = waiters[0]
             if head.future.done():
                 waiters.popleft()
                 continue
             for replica in head.ranked:
-                if replica.in_flight < replica.capacity and not replica.removed and not replica.draining:
+                if replica.in_flight < replica.capacity and replica.eligible(now):
                     waiters.popleft()
                     head.future.set_result(self._take(replica, head.tokens))
+                    room -= 1
                     break
             else:
                 # The head cannot be served; a later waiter may accept a different replica.
-                self._pump_behind_head()
+                self._pump_behind_head(now, room)
                 return
 
-    def _pump_behind_head(self) -> None:
-        for waiter in list(self.waiters)[1:]:
+    def _room(self, now: float) -> int:
+        """Free slots on the pool's eligible replicas."""
+        room = 0
+        for replica in self.replicas.values():
+            free = replica.capacity - replica.in_flight
+            if free > 0 and replica.eligible(now):
+                room += free
+        return room
+
+    def _pump_behind_head(self, now: float, room: int) -> None:
+        served: list[_Waiter] = []
+        for waiter in islice(self.waiters, 1, None):
+            if room <= 0:
+                break
             if waiter.future.done():
                 continue
             for replica in waiter.ranked:
-                if replica.in_flight < replica.capacity and not replica.removed and not replica.draining:
-                    self.waiters.remove(waiter)
+                if replica.in_flight < replica.capacity and replica.eligible(now):
                     waiter.future.set_result(self._take(replica, waiter.tokens))
+                    served.append(waiter)
+                    room -= 1
                     break
+        for waiter in served:
+            self.waiters.remove(waiter)
 
     def fail_waiters(self, exc_factory: Callable[[], Exception]) -> None:
         """Wake every waiter with an error (shutdown, or the pool lost all its replicas)."""
@@ -289,7 +320,8 @@ class Registry:
         self.pools: dict[str, Pool] = {}
         self.generation = -1
         self.retired: dict[str, Replica] = {}
-        """Removed replicas that still have requests in flight; dropped once they reach 0."""
+        """Removed replicas that still have requests in flight; dropped once they reach 0. Keyed by
+        id (`id#n` when an older replica of the same id is still finishing too)."""
         self.on_added: list[Callable[[Replica], None]] = []
         self.on_removed: list[Callable[[Replica], None]] = []
 
@@ -359,7 +391,11 @@ class Registry:
         replica.removed = True
         pool.router.forget(replica.id)
         if replica.in_flight:
-            self.retired[replica.id] = replica
+            # An older replica under the same id may still be finishing: keep both.
+            key, n = replica.id, 1
+            while key in self.retired:
+                key, n = f"{replica.id}#{n}", n + 1
+            self.retired[key] = replica
         else:
             self._finish_removal(replica)
 

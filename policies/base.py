@@ -100,12 +100,18 @@ class RoutingError(Exception):
         *,
         error_type: str = "invalid_request_error",
         headers: Sequence[tuple[str, str]] = (),
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.headers = tuple(headers)
+        self.code = code
+        """OpenAI's `error.code` (e.g. `rate_limit_exceeded`); None renders as null."""
+        self.param = param
+        """OpenAI's `error.param`: the offending input (here a header name), or None."""
 
 
 class Decision(msgspec.Struct):

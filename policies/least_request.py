@@ -1,10 +1,24 @@
-"""Least-request ranking: the gateway's own in-flight count scaled by capacity. Always current."""
+"""`least-request`: the gateway's own in-flight + reserved count scaled by capacity. Always current.
+
+Score: `1 - in_flight / capacity` (0 when full). Capacity scaling keeps small differences small: 3 vs 4
+requests on 64-slot replicas score 0.953 vs 0.938, where AIBrix's min-max normalization says 1 vs 0.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from policies.base import Decision, ReplicaView, RouteRequest
+from policies.scorer import ScoreContext
+
+
+class LeastRequestScorer:
+    name = "least-request"
+
+    def score(
+        self, req: RouteRequest, replicas: Sequence[ReplicaView], now: float, ctx: ScoreContext
+    ) -> list[float]:
+        return [1.0 - f / c if (f := r.in_flight) < (c := r.capacity) else 0.0 for r in replicas]
 
 
 class LeastRequestRouter:

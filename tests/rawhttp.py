@@ -19,6 +19,11 @@ class _Collector:
     def __init__(self) -> None:
         self.responses: list[RawResponse] = []
         self.current = RawResponse()
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        if self.parser is not None:
+            self.current.status = self.parser.get_status_code()
 
     def on_message_begin(self) -> None:
         self.current = RawResponse()
@@ -40,6 +45,7 @@ class RawConnection:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.collector = _Collector()
         self.parser = httptools.HttpResponseParser(self.collector)
+        self.collector.parser = self.parser
         self.closed_by_peer = False
         self.raw = b""
 

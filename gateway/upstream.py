@@ -1,0 +1,388 @@
+"""Upstream side of the hot path: a keep-alive pool of HTTP/1.1 connections per replica, and the relay.
+
+An `UpstreamConnection` is a raw `asyncio.Protocol`. The request goes out in one `transport.write`; the
+response is parsed by httptools for framing only. Its head is rewritten (hop-by-hop headers dropped, the
+gateway's headers added) and the body bytes are relayed to the client as they arrive: a chunked upstream
+body goes out verbatim to an HTTP/1.1 client, de-chunked to an HTTP/1.0 one. The client's write
+buffer pausing pauses reading from the upstream, so a slow client never makes the gateway buffer.
+
+What the response means (slots, retries, telemetry) is the business of the `Sink` (`gateway.proxy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Protocol, cast
+
+import httptools
+
+from gateway.http_server import status_line
+
+_monotonic = time.monotonic
+
+# Response headers never relayed as they are: hop-by-hop ones, framing the gateway re-decides, and the
+# request id the gateway owns.
+_DROP = 1
+_TE = 2
+_CL = 3
+_CT = 4
+_RESPONSE_HEADERS: dict[bytes, int] = {
+    b"connection": _DROP,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"proxy-authenticate": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"x-request-id": _DROP,
+    b"transfer-encoding": _TE,
+    b"content-length": _CL,
+    b"content-type": _CT,
+}
+_MAX_HEAD = 64 * 1024
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+
+
+class Sink(Protocol):
+    """One request's view of its upstream response (implemented by `gateway.proxy.Exchange`)."""
+
+    client: asyncio.Transport
+    extra_headers: bytes
+    """Header lines the gateway adds to the response (request id, replica, routing)."""
+    client_http11: bool
+    client_keep_alive: bool
+    bytes_out: int
+
+    def on_head(self, status: int, sse: bool, close_client: bool) -> None:
+        """The response head is about to go to the client (nothing was written yet)."""
+
+    def on_complete(self) -> None:
+        """The whole response was relayed; the connection is back in the pool or closed."""
+
+    def on_failed(self, kind: str, *, before_head: bool, stale: bool, clean_cut: bool) -> None:
+        """The upstream failed. `stale`: a reused keep-alive connection died before any byte came back
+        (the server had closed it; safe to resend). `clean_cut`: the client body framing is at a chunk
+        boundary, so an error event can still be appended."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to a replica, reused for consecutive requests."""
+
+    __slots__ = (
+        "body_parts",
+        "chunked",
+        "closed",
+        "dechunk",
+        "done",
+        "framed",
+        "got_bytes",
+        "head_buf",
+        "head_done",
+        "head_parts",
+        "in_chunk",
+        "keep_alive",
+        "last_at",
+        "n_chunks",
+        "parser",
+        "paused",
+        "pool",
+        "raw",
+        "relaying",
+        "reused",
+        "sink",
+        "sse",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: Sink | None = None
+        self.closed = False
+        self.reused = False
+        self.paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.head_done = False
+        self.done = False
+        self.keep_alive = False
+        self.got_bytes = False
+        self.head_buf = b""
+        self.head_parts: list[bytes] = []
+        self.body_parts: list[bytes] = []
+        self.chunked = False
+        self.framed = False
+        self.sse = False
+        self.raw = True
+        self.relaying = False
+        self.dechunk = False
+        self.in_chunk = False
+        self.n_chunks = 0
+        self.last_at = 0.0
+
+    # -- driving ------------------------------------------------------------------------------
+
+    def send(self, sink: Sink, data: bytes) -> None:
+        """Write one request (head and body together) and relay its response to `sink`."""
+        self.sink = sink
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection mid-request (client gone, timeout): the engine sees the close and aborts."""
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # -- transport events -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink = self.sink
+        if sink is None:
+            self.pool.discard(self)
+            return
+        self.sink = None
+        if self.head_done and not self.framed and not self.chunked:
+            # Close-delimited body: the close is the end of the response.
+            self.done = True
+            self._finish(sink, keep_alive=False)
+            return
+        if not self.head_done:
+            stale = self.reused and not self.got_bytes
+            sink.on_failed("reset", before_head=True, stale=stale, clean_cut=True)
+        else:
+            sink.on_failed("midstream", before_head=False, stale=False, clean_cut=not self.in_chunk)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # Nobody asked: a server talking out of turn. The connection cannot be trusted.
+            self.closed = True
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        if self.head_done:
+            self.last_at = _monotonic()
+            self.n_chunks += 1
+            if self.raw:
+                sink.bytes_out += len(data)
+                sink.client.write(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self._protocol_error(sink)
+                return
+            if self.done:
+                self._finish(sink, self.keep_alive)
+            return
+        self.got_bytes = True
+        buf = self.head_buf = self.head_buf + data if self.head_buf else data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._protocol_error(sink)
+            return
+        if not self.head_done:
+            if len(buf) > _MAX_HEAD:
+                self._protocol_error(sink)
+            return
+        self.last_at = _monotonic()
+        status = self.parser.get_status_code()
+        if status < 200:
+            self._protocol_error(sink)  # interim responses are never asked for (no Expect upstream)
+            return
+        raw = self.raw = sink.client_http11 or not self.chunked
+        self.dechunk = not raw
+        close_client = not sink.client_keep_alive or not raw or not (self.framed or self.chunked)
+        if close_client:
+            conn_line = b"connection: close\r\n"
+        elif not sink.client_http11:
+            conn_line = b"connection: keep-alive\r\n"
+        else:
+            conn_line = b""
+        sink.on_head(status, self.sse, close_client)
+        if self.sink is None:
+            return
+        head = b"%s%s%s%s%s\r\n" % (
+            status_line(status),
+            b"".join(self.head_parts),
+            _CHUNKED if self.chunked and raw else b"",
+            sink.extra_headers,
+            conn_line,
+        )
+        body = buf[buf.find(b"\r\n\r\n") + 4 :] if raw else b"".join(self.body_parts)
+        self.body_parts = []
+        self.relaying = True
+        self.head_buf = b""
+        out = head + body if body else head
+        sink.bytes_out += len(body)
+        sink.client.write(out)
+        if body:
+            self.n_chunks = 1
+        if self.done:
+            self._finish(sink, self.keep_alive)
+
+    def _protocol_error(self, sink: Sink) -> None:
+        before = not self.head_done
+        self.sink = None
+        self.closed = True
+        assert self.transport is not None
+        self.transport.abort()
+        sink.on_failed(
+            "reset" if before else "midstream", before_head=before, stale=False, clean_cut=not self.in_chunk
+        )
+
+    def _finish(self, sink: Sink, keep_alive: bool) -> None:
+        self.sink = None
+        if keep_alive and not self.closed:
+            self.resume()
+            self._reset()
+            self.reused = True
+            self.pool.put(self)
+        else:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        sink.on_complete()
+
+    # -- parser callbacks (framing only) ------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # trailers travel raw inside the chunked body
+        kind = _RESPONSE_HEADERS.get(name.lower())
+        if kind is None:
+            self.head_parts.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _CL:
+            self.framed = True
+            self.head_parts.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _TE:
+            self.chunked = b"chunked" in value.lower()
+        elif kind == _CT:
+            if value[:17].lower() == b"text/event-stream":
+                self.sse = True
+            self.head_parts.append(b"%s: %s\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_chunk_header(self) -> None:
+        self.in_chunk = True
+
+    def on_chunk_complete(self) -> None:
+        self.in_chunk = False
+
+    def on_body(self, body: bytes) -> None:
+        if self.dechunk:
+            sink = self.sink
+            if sink is not None:
+                sink.bytes_out += len(body)
+                sink.client.write(body)
+        elif not self.relaying:
+            self.body_parts.append(body)  # arrived with the head: written after it, if de-chunking
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()  # only meaningful inside the callback
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one replica (most recently used first), at most `max_idle`."""
+
+    __slots__ = (
+        "closed",
+        "connect_timeout",
+        "host",
+        "host_header",
+        "idle",
+        "max_idle",
+        "port",
+        "replica_header",
+        "ssl",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        replica_id: str,
+        *,
+        max_idle: int,
+        connect_timeout: float,
+        tls: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        """TLS to an `https://` replica, verified against the system's CA store."""
+        self.max_idle = max(1, max_idle)
+        self.connect_timeout = connect_timeout
+        self.idle: list[UpstreamConnection] = []
+        self.closed = False
+        default_port = port == (443 if tls else 80)
+        authority = host if default_port else f"{host}:{port}"
+        if ":" in host and not default_port:
+            authority = f"[{host}]:{port}"
+        self.host_header = f"host: {authority}\r\n".encode()
+        self.replica_header = f"x-gateway-replica: {replica_id}\r\n".encode()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises OSError or TimeoutError (after `connect_timeout`)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl
+            )
+        return protocol
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self.idle) >= self.max_idle:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        """The replica left: close the idle connections; busy ones close when their response ends."""
+        self.closed = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
