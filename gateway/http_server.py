@@ -343,39 +343,41 @@ class ClientConnection(asyncio.Protocol):
             return
         req = self.req
         if kind == _H_CONTENT_LENGTH:
+            value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace; it is not part of the value
             if self.cl is not None or not value.isdigit():
                 self._fatal(400, "invalid or duplicate Content-Length")
                 raise _Reject
             self.cl = int(value)
         elif kind == _H_TRANSFER_ENCODING:
-            if value.strip().lower() != b"chunked":
+            if value.strip(b" \t").lower() != b"chunked":
                 self._fatal(400, "only Transfer-Encoding: chunked is accepted")
                 raise _Reject
         elif kind == _H_HOST:
             self.hosts += 1
         elif kind == _H_CONNECTION:
-            tokens = [t.strip() for t in value.lower().split(b",")]
+            tokens = [t.strip(b" \t") for t in value.lower().split(b",")]
             if self.conn_tokens is None:
                 self.conn_tokens = tokens
             else:
                 self.conn_tokens.extend(tokens)
         elif kind == _H_EXPECT:
-            if value.strip().lower() != b"100-continue":
+            if value.strip(b" \t").lower() != b"100-continue":
                 self._fatal(417, f"unsupported expectation {value.decode('latin-1')!r}")
                 raise _Reject
             self.expect = True
         elif kind == _H_REQUEST_ID:
+            value = value.rstrip(b" \t")
             if 0 < len(value) <= _MAX_REQUEST_ID:
                 req.request_id = value
-        elif kind == _H_STRATEGY:
-            req.strategy = value.decode("latin-1")
+        elif kind != _H_DROP:  # routing headers: read, and passed on
             req.forward.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _H_PROFILE:
-            req.profile = value.decode("latin-1")
-            req.forward.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _H_SESSION:
-            req.session_id = value.decode("latin-1")
-            req.forward.append(b"%s: %s\r\n" % (name, value))
+            text = value.rstrip(b" \t").decode("latin-1")
+            if kind == _H_STRATEGY:
+                req.strategy = text
+            elif kind == _H_PROFILE:
+                req.profile = text
+            elif kind == _H_SESSION:
+                req.session_id = text
 
     def _header_limit(self) -> None:
         limits = self.server.limits

@@ -11,7 +11,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from itertools import islice
 from urllib.parse import urlsplit
 
 from gateway.config import ReplicaSpec, RetryConfig
@@ -211,8 +210,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), ranked, tokens)
         self.waiters.append(waiter)
-        # The waiters ahead may be unable to use a free replica this one ranks (their rankings are
-        # older): hand it over now rather than at the next release.
+        # Room may have appeared since try_reserve declined (it never jumps a non-empty queue).
         self.pump()
         timeout = deadline - time.monotonic()
         try:
@@ -239,12 +237,12 @@ class Pool:
             fut.cancel()
 
     def pump(self) -> None:
-        """Hand free slots to waiters in arrival order.
+        """Hand free slots to waiters in strict arrival order.
 
-        Only replicas that are still eligible (healthy, not draining, removed or ejected) are handed
-        out: a waiter's ranking may be older than the replica's last health change. Stops as soon as
-        the pool has no free slot left, so a release in a saturated pool costs O(replicas), not
-        O(waiters x replicas).
+        A waiter takes its best-ranked replica with room; failing that, any eligible replica with room
+        (one that was added, recovered or un-ejected after the waiter's ranking was made): a request
+        that already waited is better served anywhere now than on its favourite later. Stops as soon
+        as the pool has no free slot, so a release in a saturated pool costs O(replicas).
         """
         waiters = self.waiters
         if not waiters:
@@ -252,20 +250,24 @@ class Pool:
         now = time.monotonic()
         room = self._room(now)
         while waiters and room > 0:
-            head = waiters[0]
+            head = waiters.popleft()
             if head.future.done():
-                waiters.popleft()
                 continue
-            for replica in head.ranked:
-                if replica.in_flight < replica.capacity and replica.eligible(now):
-                    waiters.popleft()
-                    head.future.set_result(self._take(replica, head.tokens))
-                    room -= 1
-                    break
-            else:
-                # The head cannot be served; a later waiter may accept a different replica.
-                self._pump_behind_head(now, room)
+            replica = self._first_with_room(head.ranked, now) or self._first_with_room(
+                self.replicas.values(), now
+            )
+            if replica is None:
+                waiters.appendleft(head)
                 return
+            head.future.set_result(self._take(replica, head.tokens))
+            room -= 1
+
+    @staticmethod
+    def _first_with_room(replicas: Iterable[Replica], now: float) -> Replica | None:
+        for replica in replicas:
+            if replica.in_flight < replica.capacity and replica.eligible(now):
+                return replica
+        return None
 
     def _room(self, now: float) -> int:
         """Free slots on the pool's eligible replicas."""
@@ -275,22 +277,6 @@ class Pool:
             if free > 0 and replica.eligible(now):
                 room += free
         return room
-
-    def _pump_behind_head(self, now: float, room: int) -> None:
-        served: list[_Waiter] = []
-        for waiter in islice(self.waiters, 1, None):
-            if room <= 0:
-                break
-            if waiter.future.done():
-                continue
-            for replica in waiter.ranked:
-                if replica.in_flight < replica.capacity and replica.eligible(now):
-                    waiter.future.set_result(self._take(replica, waiter.tokens))
-                    served.append(waiter)
-                    room -= 1
-                    break
-        for waiter in served:
-            self.waiters.remove(waiter)
 
     def fail_waiters(self, exc_factory: Callable[[], Exception]) -> None:
         """Wake every waiter with an error (shutdown, or the pool lost all its replicas)."""

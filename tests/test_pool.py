@@ -183,7 +183,8 @@ async def test_a_waiter_never_gets_a_slot_on_an_unhealthy_or_ejected_replica() -
     assert (a.in_flight, b.in_flight) == (0, 0)
 
 
-async def test_a_later_waiter_may_take_a_replica_the_head_cannot_use() -> None:
+async def test_waiters_are_served_in_arrival_order_on_whichever_replica_frees() -> None:
+    """A queued request has already waited: the first free slot anywhere goes to the oldest waiter."""
     pool, (a, b) = make_pool(1, 1)
     sa, sb = pool.try_reserve([a]), pool.try_reserve([b])
     assert sa is not None and sb is not None
@@ -192,10 +193,11 @@ async def test_a_later_waiter_may_take_a_replica_the_head_cannot_use() -> None:
     second = asyncio.create_task(pool.reserve([b], 0, deadline(5)))
     await asyncio.sleep(0.01)
     sb.release()
-    slot = await asyncio.wait_for(second, 5)
-    assert slot.replica is b and not head.done()
-    sa.release()
     head_slot = await asyncio.wait_for(head, 5)
+    assert head_slot.replica is b and not second.done()
+    sa.release()
+    slot = await asyncio.wait_for(second, 5)
+    assert slot.replica is a
     head_slot.release()
     slot.release()
     assert (a.in_flight, b.in_flight) == (0, 0)
@@ -385,23 +387,27 @@ def test_record_failure_ejects_with_growing_backoff_and_success_resets() -> None
     assert r.ejections == 0 and r.consecutive_failures == 0
 
 
-async def test_a_newcomer_takes_a_free_replica_the_waiters_ahead_cannot_use() -> None:
-    """The head waits for a replica that stays busy; a later request that may use a free replica
-    must not wait behind it (nor until some unrelated slot is released)."""
+async def test_a_waiter_takes_a_replica_that_recovered_after_its_ranking() -> None:
+    """The head was ranked while c was out; when c comes back it serves the head at once, rather
+    than leaving it to wait for the busy replica it ranked."""
     pool, (a, c) = make_pool(1, 1)
     held = pool.try_reserve([a])
     assert held is not None
     c.healthy = False
-    head = asyncio.create_task(pool.reserve([a], 0, deadline(5)))  # ranked while c was out
+    head = asyncio.create_task(pool.reserve([a], 0, deadline(5)))
     await asyncio.sleep(0.01)
-    c.healthy = True
-    pool.pump()  # what the health checker does when c comes back; the head cannot use c
     assert not head.done()
-    newcomer = await asyncio.wait_for(pool.reserve([a, c], 0, deadline(5)), 1)
-    assert newcomer.replica is c
-    newcomer.release()
+    c.healthy = True
+    pool.pump()  # what the health checker does when c comes back
+    slot = await asyncio.wait_for(head, 1)
+    assert slot.replica is c
+    newcomer = asyncio.create_task(pool.reserve([a, c], 0, deadline(5)))
+    await asyncio.sleep(0.01)
+    assert not newcomer.done(), "both replicas are full: the newcomer must wait"
     held.release()
-    slot = await asyncio.wait_for(head, 5)
+    later = await asyncio.wait_for(newcomer, 1)
+    assert later.replica is a
+    later.release()
     slot.release()
     assert (a.in_flight, c.in_flight) == (0, 0)
 

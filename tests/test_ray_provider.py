@@ -31,6 +31,7 @@ from gateway.sidecar.providers.ray import (
     PlacementPending,
     RayProvider,
     RayProviderConfig,
+    infeasible,
 )
 from gateway.sidecar.spec import SidecarConfig
 from gateway.sidecar.store import Store
@@ -215,6 +216,23 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_struct(path, RayProviderConfig)
 
 
+def test_infeasible_names_what_no_cluster_state_can_give() -> None:
+    nodes = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}]
+    assert infeasible([{"GPU": 5.0}], "PACK", nodes) == "no node has {GPU: 5}"
+    two_of_three = [{"GPU": 3.0}, {"GPU": 3.0}]
+    assert infeasible(two_of_three, "STRICT_PACK", nodes) == "no node has {GPU: 6} for the whole gang"
+    assert infeasible(two_of_three, "PACK", nodes) is None
+    assert infeasible(two_of_three, "STRICT_SPREAD", nodes) is None
+    assert infeasible(two_of_three * 2, "SPREAD", nodes) == "needs {GPU: 12}, the whole cluster has {GPU: 8}"
+    three = [{"GPU": 1.0}] * 3
+    spread = infeasible(three, "STRICT_SPREAD", nodes)
+    assert spread == "needs 3 distinct nodes for its bundles, 2 can hold them"
+    # A matching, not a greedy pass: the small bundle must not take the only big node.
+    mixed = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 4.0}]
+    assert infeasible(mixed, "STRICT_SPREAD", [{"CPU": 2.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 1.0}]) is None
+    assert infeasible([{"CPU": 1.0, "accelerator_type:H100": 0.001}], "PACK", nodes) is not None
+
+
 # placement ----------------------------------------------------------------------------------------------
 async def test_strict_spread_gang_lands_on_two_nodes(
     tmp_path: Path, cluster: Cluster, model: str, sidecars: list[Sidecar]
@@ -252,7 +270,7 @@ async def test_infeasible_gang_stays_pending_with_nothing_started(
         started: list[str] = []
         with pytest.raises(PlacementPending) as info:
             await provider.launch("big-0", launches, lambda h: started.append(h.member_id))
-        assert "infeasible" in str(info.value) and "GPU: 5" in str(info.value)
+        assert "infeasible: no node has {CPU: 0.25, GPU: 5}" in str(info.value)
         assert started == [] and not our_groups() and not our_actors()
     finally:
         await provider.close()
@@ -321,7 +339,9 @@ async def test_removed_node_reschedules_the_gang(
     gang = (await until(lambda: sc.running(), what="gang running"))[0]
     first = {m.handle.ref["node"]: int(m.handle.ref["pid"]) for m in gang.members}
     victim_node = sorted(first)[1]
-    node = next(n for n in cluster.worker_nodes if n.node_id == victim_node)
+    # By object store socket: unique per node of a local cluster (older Rays repeat `Node.node_id` there).
+    store = next(n["ObjectStoreSocketName"] for n in ray.nodes() if n["NodeID"] == victim_node)
+    node = next(n for n in cluster.worker_nodes if n.plasma_store_socket_name == store)
     cluster.remove_node(node, allow_graceful=False)
     await until(
         lambda: gang.state == RUNNING and gang.row.incarnation == 2 and gang.members,

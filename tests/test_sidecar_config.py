@@ -141,6 +141,12 @@ def test_example_config_loads() -> None:
     assert cfg.services[0].replicas <= 20 and cfg.gateways
 
 
+def test_ray_example_config_loads() -> None:
+    cfg = load_sidecar_config(REPO / "deploy" / "sidecar-ray.yaml")
+    assert cfg.provider == "ray"
+    assert cfg.ray.placement(cfg.services[0].name)[0] == "STRICT_SPREAD"
+
+
 def test_second_sidecar_on_the_same_state_is_refused(tmp_path: Path) -> None:
     doc = base_config(tmp_path)
     first = SidecarProc(write_config(tmp_path / "a.yaml", doc), tmp_path / "a.log")

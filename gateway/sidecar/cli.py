@@ -78,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
         if args.status_listen:
             parse_hostport(args.status_listen, "--status-listen")
             cfg.status_listen = args.status_listen
+        from gateway.sidecar.controller import configured_provider, run_sidecar
+
+        provider = configured_provider(cfg)
     except (ConfigError, ValueError) as exc:
         print(f"llm-gateway sidecar: {exc}", file=sys.stderr)
         return 2
-    from gateway.sidecar.controller import run_sidecar
     from gateway.sidecar.store import StateInUse
 
     async def main() -> None:
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_sidecar(cfg, stop, stop_engines_on_exit=args.stop_on_exit)
+        await run_sidecar(cfg, stop, stop_engines_on_exit=args.stop_on_exit, provider=provider)
 
     try:
         asyncio.run(main())

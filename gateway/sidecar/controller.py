@@ -13,7 +13,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from gateway.config import parse_hostport
+from gateway.config import ConfigError, parse_hostport
 from gateway.sidecar.autoscale import Autoscaler
 from gateway.sidecar.gangs import Fleet
 from gateway.sidecar.providers.base import Provider
@@ -165,8 +165,27 @@ class Sidecar:
         self.store.close()
 
 
-async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event, *, stop_engines_on_exit: bool = False) -> None:
-    sidecar = Sidecar(cfg, stop_engines_on_exit=stop_engines_on_exit)
+def configured_provider(cfg: SidecarConfig) -> Provider | None:
+    """The provider the config asks for; None: the local default."""
+    if cfg.provider != "ray":
+        return None
+    try:
+        from gateway.sidecar.providers.ray import RayProvider
+    except ImportError as exc:
+        raise ConfigError(
+            f"provider: ray needs the optional `ray` package: pip install '.[ray]' ({exc})"
+        ) from exc
+    return RayProvider(cfg.ray)
+
+
+async def run_sidecar(
+    cfg: SidecarConfig,
+    stop: asyncio.Event,
+    *,
+    stop_engines_on_exit: bool = False,
+    provider: Provider | None = None,
+) -> None:
+    sidecar = Sidecar(cfg, stop_engines_on_exit=stop_engines_on_exit, provider=provider)
     try:
         await sidecar.start()
         await stop.wait()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
 from gateway.config import ConfigError, Engine, load_struct, parse_hostport
+from gateway.sidecar.providers.ray_config import RayProviderConfig
 
 MAX_REPLICAS = 20
 """Hard cap of engine replicas (gangs) per service, whatever `replicas` or `autoscale.max_replicas` say."""
@@ -267,6 +269,10 @@ class SidecarConfig(msgspec.Struct, forbid_unknown_fields=True):
     status_listen: str = "127.0.0.1:9100"
     """The sidecar's own status endpoint (`GET /status`, `GET /health`)."""
     sync: SyncSpec = msgspec.field(default_factory=SyncSpec)
+    provider: Literal["local", "ray"] = "local"
+    """Where members run: `local` subprocesses here, or `ray` actors on an existing Ray cluster."""
+    ray: RayProviderConfig = msgspec.field(default_factory=RayProviderConfig)
+    """The Ray cluster and how gangs are placed on it (with `provider: ray`)."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.status_listen, "status_listen")
@@ -282,9 +288,12 @@ class SidecarConfig(msgspec.Struct, forbid_unknown_fields=True):
             for name in router.services or []:
                 if name not in names:
                     raise ValueError(f"sglang_routers: unknown service {name!r}")
+        for name in self.ray.services:
+            if name not in names:
+                raise ValueError(f"ray.services: unknown service {name!r}")
         for service in self.services:
             need = service.gang.gpus
-            if need > len(self.gpus):
+            if self.provider == "local" and need > len(self.gpus):
                 raise ValueError(
                     f"services: {service.name!r} needs {need} GPUs per gang,"
                     f" the inventory has {len(self.gpus)}"

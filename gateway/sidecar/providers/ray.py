@@ -77,6 +77,55 @@ def bundle_for(member: MemberLaunch, cpus: float, resources: dict[str, float]) -
     return bundle
 
 
+def resources_text(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(name, 0.0) >= amount for name, amount in need.items())
+
+
+def infeasible(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> str | None:
+    """Why the bundles can never be placed on these nodes (their total resources), or None when they
+    could be once others free resources. Checks what each strategy needs at least, not a full packing."""
+    for bundle in bundles:
+        if not any(_fits(bundle, node) for node in nodes):
+            return f"no node has {resources_text(bundle)}"
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            total[name] = total.get(name, 0.0) + amount
+    if strategy == "STRICT_PACK":
+        if not any(_fits(total, node) for node in nodes):
+            return f"no node has {resources_text(total)} for the whole gang"
+        return None
+    if strategy == "STRICT_SPREAD":
+        # One distinct node per bundle: a bipartite matching of bundles to nodes that can hold them.
+        owner: dict[int, int] = {}
+
+        def assign(b: int, seen: set[int]) -> bool:
+            for n, node in enumerate(nodes):
+                if n in seen or not _fits(bundles[b], node):
+                    continue
+                seen.add(n)
+                if n not in owner or assign(owner[n], seen):
+                    owner[n] = b
+                    return True
+            return False
+
+        placed = sum(assign(b, set()) for b in range(len(bundles)))
+        if placed < len(bundles):
+            return f"needs {len(bundles)} distinct nodes for its bundles, {placed} can hold them"
+        return None
+    cluster: dict[str, float] = {}
+    for node in nodes:
+        for name in total:
+            cluster[name] = cluster.get(name, 0.0) + node.get(name, 0.0)
+    if not _fits(total, cluster):
+        return f"needs {resources_text(total)}, the whole cluster has {resources_text(cluster)}"
+    return None
+
+
 class RayProvider:
     """Gangs as placement groups, members as detached actors, on the cluster at `cfg.address`."""
 
@@ -212,7 +261,7 @@ class RayProvider:
             )
             placed = await self._blocking(pg.wait, self.cfg.placement_timeout_s)
             if not placed:
-                reason = await self._blocking(self._pending_reason, pg, bundles, strategy)
+                reason = await self._blocking(self._pending_reason, bundles, strategy)
                 await self._remove_group(pg_name)
                 raise PlacementPending(f"{gang_id}: {reason}")
             for index, member in enumerate(members):
@@ -241,20 +290,13 @@ class RayProvider:
         finally:
             self.launching.discard(pg_name)
 
-    def _pending_reason(self, pg: PlacementGroup, bundles: list[dict[str, float]], strategy: str) -> str:
-        shape = ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}" for b in bundles)
-        try:
-            stats = placement_group_table(pg).get("stats") or {}
-            state = str(stats.get("scheduling_state", "PENDING"))
-        except RayError:
-            state = "PENDING"
-        why = {
-            "INFEASIBLE": "infeasible: no set of nodes in the cluster can hold these bundles",
-            "NO_RESOURCES": "waiting for resources held by others",
-        }.get(state, f"not placed ({state.lower()})")
-        return (
-            f"placement group {strategy} [{shape}] {why}; not placed within {self.cfg.placement_timeout_s:g}s"
-        )
+    def _pending_reason(self, bundles: list[dict[str, float]], strategy: str) -> str:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        why = infeasible(bundles, strategy, nodes)
+        shape = ", ".join(resources_text(b) for b in bundles)
+        state = f"infeasible: {why}" if why else "waiting for resources held by others"
+        waited = self.cfg.placement_timeout_s
+        return f"placement group {strategy} [{shape}] {state}; not placed within {waited:g}s"
 
     def _create_actor(
         self, pg: PlacementGroup, pg_name: str, index: int, member: MemberLaunch, bundle: dict[str, float]
