@@ -4,7 +4,7 @@ and returns by itself after `healthy_threshold` good ones.
 The replica list is read from the registry every round, and a replica added by `Registry.apply` is
 checked at once (hook on `Registry.on_added`), so a new replica needs no restart and a dead one added
 by mistake leaves rotation within one timeout. Checks run with bounded concurrency on the shared
-client session. Each round also finishes the removal of retired replicas whose last request ended.
+client. Each round also finishes the removal of retired replicas whose last request ended.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import logging
 import aiohttp
 
 from gateway.config import HealthConfig
+from gateway.fetch import Fetcher, FetchError
 from gateway.pool import Registry, Replica
-from gateway.scrape import SPREAD_FRACTION, describe_error, read_bounded, report_crash, spread
+from gateway.scrape import SPREAD_FRACTION, describe_error, report_crash, spread
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class HealthChecker:
         self.telemetry = telemetry
         self.spread_s = cfg.interval_s * SPREAD_FRACTION if spread_s is None else spread_s
         """A round's checks start evenly over this many seconds (0: all at once)."""
+        self.fetcher = Fetcher(max_bytes=HEALTH_BODY_LIMIT, user_agent="llm-gateway-health")
+        """Raw keep-alive polls: at fleet scale aiohttp's per-request cost would dominate."""
         self._sem = asyncio.Semaphore(concurrency)
         self._states: dict[str, _State] = {}
         self._task: asyncio.Task[None] | None = None
@@ -77,6 +80,7 @@ class HealthChecker:
             task.cancel()
         # A crash of the loop was already logged by report_crash; shutdown goes on.
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.fetcher.close()
 
     def _on_added(self, replica: Replica) -> None:
         self.telemetry.health_changed(replica.id, replica.healthy)
@@ -109,16 +113,15 @@ class HealthChecker:
 
     async def probe(self, replica: Replica) -> tuple[bool, str]:
         path = OPENAI_HEALTH_PATH if replica.engine == "openai" else self.cfg.path
-        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
         try:
-            async with self.session.get(replica.url + path, timeout=timeout, allow_redirects=False) as resp:
-                # Read (bounded) so the keep-alive connection can be reused for the next check.
-                await read_bounded(resp, HEALTH_BODY_LIMIT)
-                if 200 <= resp.status < 300:
-                    return True, ""
-                return False, f"HTTP {resp.status}"
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            status, _ = await self.fetcher.get(
+                replica.host, replica.port, replica.base_path + path, self.cfg.timeout_s, tls=replica.tls
+            )
+        except (TimeoutError, OSError, FetchError) as exc:
             return False, describe_error(exc)
+        if 200 <= status < 300:
+            return True, ""
+        return False, f"HTTP {status}"
 
     def record(self, replica: Replica, ok: bool, reason: str = "") -> None:
         """Count one check result and flip `replica.healthy` when a threshold is reached."""

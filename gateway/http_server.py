@@ -19,7 +19,6 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -610,10 +609,6 @@ def _connection_header(http11: bool, close: bool) -> bytes:
     return b"" if http11 else b"connection: keep-alive\r\n"
 
 
-def connection_header(req: Request, close: bool) -> bytes:
-    return _connection_header(req.http11, close)
-
-
 def _method_path(req: Request) -> str:
     return f"{req.method.decode('latin-1')} {req.url[:200].decode('latin-1')}"
 
@@ -697,6 +692,3 @@ class HttpServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-
-ConnectionFactory = Callable[[], ClientConnection]

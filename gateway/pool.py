@@ -35,6 +35,7 @@ class Replica:
     """One engine replica as this gateway sees it. Satisfies `policies.base.ReplicaView`."""
 
     __slots__ = (
+        "base_path",
         "capacity",
         "consecutive_failures",
         "draining",
@@ -55,6 +56,7 @@ class Replica:
         "requests_total",
         "signals",
         "signals_error",
+        "tls",
         "ttft_ewma_s",
         "upstream",
         "url",
@@ -67,6 +69,9 @@ class Replica:
         parts = urlsplit(self.url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = parts.scheme == "https"
+        self.base_path = parts.path.rstrip("/")
+        """Path prefix of the replica's URL (usually empty), for the gateway's own polls."""
         self.engine = spec.engine
         self.capacity = spec.capacity
         self.labels = dict(spec.labels)

@@ -84,6 +84,19 @@ _SSE_ERROR = (
 )
 
 
+_LINE_CACHE_MAX = 1024
+"""Distinct strategies a client can name by header are many: the cache of their header lines is bounded."""
+
+
+def _header_line(cache: dict[str, bytes], name: bytes, value: str) -> bytes:
+    line = cache.get(value)
+    if line is None:
+        line = b"%s: %s\r\n" % (name, value.encode("latin-1", "replace"))
+        if len(cache) < _LINE_CACHE_MAX:
+            cache[value] = line
+    return line
+
+
 class _Ids:
     """Request ids: a random per-process prefix and a counter; unique across workers, ~free to make."""
 
@@ -218,7 +231,7 @@ class Gateway:
             body = error_body(
                 f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found"
             )
-            self._refuse(conn, req, model, 404, body)
+            self._refuse(conn, req, "", 404, body)  # a client-chosen name must not become a label
             return
         if kind == CHAT:
             text = chat_text(fields.messages) if fields.messages else ""
@@ -255,19 +268,9 @@ class Gateway:
         ranked: list[Replica] = decision.ranked  # type: ignore[assignment]
         exchange = Exchange(self, conn, req, pool, rreq, ranked, tokens, start)
         exchange.strategy = decision.strategy
-        strategy_line = self._strategy_lines.get(decision.strategy)
-        if strategy_line is None:
-            strategy_line = self._strategy_lines[decision.strategy] = (
-                f"routing-strategy: {decision.strategy}\r\n".encode("latin-1", "replace")
-            )
-        routing = strategy_line
+        routing = _header_line(self._strategy_lines, b"routing-strategy", decision.strategy)
         if decision.profile:
-            profile_line = self._profile_lines.get(decision.profile)
-            if profile_line is None:
-                profile_line = self._profile_lines[decision.profile] = (
-                    f"x-gateway-profile: {decision.profile}\r\n".encode("latin-1", "replace")
-                )
-            routing += profile_line
+            routing += _header_line(self._profile_lines, b"x-gateway-profile", decision.profile)
         exchange.routing_headers = routing
         conn.active = exchange
         exchange.start()

@@ -25,6 +25,7 @@ import orjson
 from yarl import URL
 
 from gateway.config import ScrapeConfig
+from gateway.fetch import Fetcher, FetchError
 from gateway.pool import Registry, Replica
 from gateway.telemetry import Telemetry
 from policies.base import EngineSignals
@@ -365,6 +366,8 @@ def describe_error(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connect: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -429,9 +432,8 @@ class Scraper:
         """A round's requests start evenly over this many seconds (0: all at once)."""
         self._sem = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
-        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
-        self._urls: dict[str, tuple[str, URL, URL]] = {}
-        """Per replica id: (base url, /metrics URL, /slots URL), parsed once."""
+        self.fetcher = Fetcher(max_bytes=max_bytes, user_agent="llm-gateway-scraper")
+        """Polls go through raw keep-alive connections: aiohttp's per-request cost would dominate."""
         self._info_at: dict[str, float] = {}
         """When the static configuration metrics of a replica were last read."""
         self._slots_off_until: dict[str, float] = {}
@@ -448,6 +450,7 @@ class Scraper:
             task.cancel()
             # A crash was already logged by report_crash; shutdown goes on.
             await asyncio.gather(task, return_exceptions=True)
+        self.fetcher.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -460,32 +463,22 @@ class Scraper:
         """One round over every current replica that has engine metrics, started over `spread_s`."""
         replicas = [r for r in self.registry.replicas() if r.engine in _PARSERS]
         live = {r.id for r in replicas}
-        for table in (self._slots_off_until, self._info_at, self._urls):
+        for table in (self._slots_off_until, self._info_at):
             for rid in [rid for rid in table if rid not in live]:
                 del table[rid]
+
         await spread(replicas, self._bounded, self.spread_s)
 
     async def _bounded(self, replica: Replica) -> None:
         async with self._sem:
             await self.scrape_one(replica)
 
-    def _urls_of(self, replica: Replica) -> tuple[URL, URL]:
-        urls = self._urls.get(replica.id)
-        if urls is None or urls[0] != replica.url:
-            urls = self._urls[replica.id] = (
-                replica.url,
-                URL(replica.url + "/metrics"),
-                URL(replica.url + "/slots"),
-            )
-        return urls[1], urls[2]
-
     async def scrape_one(self, replica: Replica) -> None:
-        metrics_url, slots_url = self._urls_of(replica)
         try:
-            status, body = await _get(self.session, metrics_url, self._timeout, self.max_bytes)
+            status, body = await self._get(replica, "/metrics")
             if status != 200:
                 raise ValueError(f"HTTP {status}")
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        except (TimeoutError, OSError, FetchError, ValueError) as exc:
             self._failed(replica, describe_error(exc))
             return
         now = time.monotonic()
@@ -499,19 +492,24 @@ class Scraper:
             signals.num_gpu_blocks = previous.num_gpu_blocks
             signals.max_num_seqs = previous.max_num_seqs
         if replica.engine == "llamacpp":
-            await self._add_slots(replica, signals, slots_url)
+            await self._add_slots(replica, signals)
         replica.signals = signals
         replica.signals_error = None
         self.telemetry.scrape_ok(replica.id, now)
 
-    async def _add_slots(self, replica: Replica, signals: EngineSignals, url: URL) -> None:
+    def _get(self, replica: Replica, path: str) -> Awaitable[tuple[int, bytes]]:
+        return self.fetcher.get(
+            replica.host, replica.port, replica.base_path + path, self.cfg.timeout_s, tls=replica.tls
+        )
+
+    async def _add_slots(self, replica: Replica, signals: EngineSignals) -> None:
         """KV usage and slot count from `/slots`; its absence leaves them unknown, not an error."""
         now = time.monotonic()
         if self._slots_off_until.get(replica.id, 0.0) > now:
             return
         try:
-            status, body = await _get(self.session, url, self._timeout, self.max_bytes)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            status, body = await self._get(replica, "/slots")
+        except (TimeoutError, OSError, FetchError) as exc:
             log.debug("replica %s: /slots failed: %s", replica.id, describe_error(exc))
             return
         if status in (404, 501):

@@ -288,3 +288,15 @@ def test_example_configs_in_deploy_load(name: str, monkeypatch: pytest.MonkeyPat
     config = load_gateway_config(REPO / "deploy" / name)
     assert config.pools
     _check_profiles(config)
+
+
+def test_a_taken_port_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(f"listen: 127.0.0.1:{port}\nadmin: {{listen: '127.0.0.1:{free_port()}'}}\n")
+        code, err = serve_fails(["--config", str(config)])
+    assert code != 0
+    assert "cannot serve" in err and "address already in use" in err.lower()
