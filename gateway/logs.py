@@ -30,7 +30,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+_format = "text"
+
+
+def current_format() -> str:
+    """The `--log-format` in force, for writers that format lines themselves (the access log)."""
+    return _format
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -383,6 +383,7 @@ async def _serve(config: GatewayConfig, token: str | None, index: int, reuse_por
     finally:
         server.close_all()
         gateway.close()
+        telemetry.flush_access_log()
         await health.stop()
         await scraper.stop()
         if admin is not None:
@@ -418,3 +419,4 @@ def _housekeeping(registry: Registry, routers: Routers, telemetry: Telemetry) ->
     registry.reap_retired()
     routers.reload(only_changed=True)
     routers.sync_abstentions(telemetry)
+    telemetry.flush_access_log()

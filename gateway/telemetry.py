@@ -1,20 +1,18 @@
 """Prometheus metrics (prefix `llm_gateway_`) and the access log of one gateway replica.
 
 Hot-path calls (`request_finished`, `on_reservation_change`) only bump plain dict entries and
-build an access-log line only when it will be written; the Prometheus families are assembled when
+hand the access log a tuple (written in batches); the Prometheus families are assembled when
 `/metrics` is read. Latency histograms are per model, not per replica, to keep the series count flat as a
 fleet grows; per-replica health shows in the counters and gauges.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import random
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,12 +28,11 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from gateway.access_log import AccessLog
 from gateway.config import AccessLogConfig
 
 if TYPE_CHECKING:
     from gateway.pool import Registry, Replica
-
-access_log = logging.getLogger("gateway.access")
 
 P = "llm_gateway_"
 REQUESTS_HELP = "Requests answered, by model, replica and HTTP status."
@@ -157,14 +154,20 @@ class _HotPath:
 class Telemetry:
     """Every metric of the gateway, and the `gateway.access` log. One per gateway process."""
 
-    def __init__(self, access_log: AccessLogConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        access_log: AccessLogConfig,
+        registry: CollectorRegistry | None = None,
+        *,
+        access_stream: TextIO | None = None,
+    ) -> None:
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         self.registry = registry
-        self.access = access_log
+        self.access = AccessLog(access_log, stream=access_stream)
         self._pools: Registry | None = None
         self._hot = _HotPath()
         registry.register(self._hot)
@@ -286,33 +289,11 @@ class Telemetry:
         if ttfb_s is not None:
             stats.ttfb.observe(ttfb_s)
         stats.bytes_out += bytes_out
-        cfg = self.access
-        if not cfg.enabled or not access_log.isEnabledFor(logging.INFO):
-            return
-        if status < 400 and cfg.sample_rate < 1.0 and random.random() >= cfg.sample_rate:
-            return
-        ttfb = f"{ttfb_s:.4f}" if ttfb_s is not None else "-"
-        access_log.info(
-            "%s model=%s replica=%s status=%d ttfb=%s duration=%.4f bytes=%d strategy=%s",
-            request_id,
-            model,
-            replica_id or "-",
-            status,
-            ttfb,
-            duration_s,
-            bytes_out,
-            strategy or "-",
-            extra={
-                "request_id": request_id,
-                "model": model,
-                "replica": replica_id,
-                "status": status,
-                "ttfb_s": ttfb_s,
-                "duration_s": duration_s,
-                "bytes": bytes_out,
-                "strategy": strategy,
-            },
-        )
+        self.access.record(request_id, model, replica_id, status, ttfb_s, duration_s, bytes_out, strategy)
+
+    def flush_access_log(self) -> None:
+        """Write the buffered access-log lines (the serve loop calls this every second)."""
+        self.access.flush()
 
     def queue_depth(self, model: str, depth: int) -> None:
         self.queue.labels(model).set(depth)

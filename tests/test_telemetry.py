@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.access_log import BATCH
 from gateway.config import AccessLogConfig, ReplicaSpec
 from gateway.pool import Registry
 from gateway.telemetry import Telemetry
@@ -142,13 +146,29 @@ def test_two_instances_do_not_collide() -> None:
     Telemetry(AccessLogConfig())  # each has its own registry: no duplicate-series error
 
 
-def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
-    t = Telemetry(AccessLogConfig())
-    with caplog.at_level(logging.INFO, logger="gateway.access"):
-        finished(t, request_id="abc123")
-    [record] = [r for r in caplog.records if r.name == "gateway.access"]
-    line = record.getMessage()
+@pytest.fixture(autouse=True)
+def access_logger_at_info() -> Iterator[None]:
+    """As `llm-gateway serve` sets it up (`--log-level info`); pytest leaves the root at WARNING."""
+    access_logger = logging.getLogger("gateway.access")
+    previous = access_logger.level
+    access_logger.setLevel(logging.INFO)
+    yield
+    access_logger.setLevel(previous)
+
+
+def access_lines(t: Telemetry, stream: io.StringIO) -> list[str]:
+    t.flush_access_log()
+    return stream.getvalue().splitlines()
+
+
+def test_access_log_line() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(), access_stream=stream)
+    finished(t, request_id="abc123")
+    assert stream.getvalue() == "", "lines are written in batches, not per request"
+    [line] = access_lines(t, stream)
     for part in (
+        "gateway.access",
         "abc123",
         "model=m",
         "replica=r1",
@@ -158,26 +178,59 @@ def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
         "bytes=1234",
     ):
         assert part in line
-    assert record.__dict__["request_id"] == "abc123" and record.__dict__["status"] == 200
 
 
-def test_sampling_keeps_every_error(caplog: pytest.LogCaptureFixture) -> None:
-    t = Telemetry(AccessLogConfig(sample_rate=0.0))
-    with caplog.at_level(logging.INFO, logger="gateway.access"):
-        for i in range(20):
-            finished(t, request_id=f"ok-{i}")
-        finished(t, status=502, request_id="bad")
-        finished(t, status=429, request_id="busy")
-    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
-    assert len(lines) == 2 and lines[0].startswith("bad") and lines[1].startswith("busy")
+def test_access_log_json_lines_are_objects() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(), access_stream=stream)
+    t.access.fmt = "json"
+    finished(t, request_id="j1")
+    finished(t, status=502, request_id="j2")
+    docs = [json.loads(line) for line in access_lines(t, stream)]
+    assert [(d["request_id"], d["status"], d["logger"]) for d in docs] == [
+        ("j1", 200, "gateway.access"),
+        ("j2", 502, "gateway.access"),
+    ]
 
 
-def test_disabled_access_log_writes_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    t = Telemetry(AccessLogConfig(enabled=False))
-    with caplog.at_level(logging.DEBUG):
-        finished(t)
+def test_a_full_batch_is_written_without_waiting_for_the_timer() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(), access_stream=stream)
+    for i in range(BATCH):
+        finished(t, request_id=f"r{i}")
+    assert len(stream.getvalue().splitlines()) == BATCH
+
+
+def test_sampling_keeps_every_error() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(sample_rate=0.0), access_stream=stream)
+    for i in range(20):
+        finished(t, request_id=f"ok-{i}")
+    finished(t, status=502, request_id="bad")
+    finished(t, status=429, request_id="busy")
+    lines = access_lines(t, stream)
+    assert len(lines) == 2 and "bad model=" in lines[0] and "busy model=" in lines[1]
+
+
+def test_access_log_obeys_the_logger_level() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(), access_stream=stream)
+    access_logger = logging.getLogger("gateway.access")
+    previous = access_logger.level
+    access_logger.setLevel(logging.WARNING)
+    try:
         finished(t, status=500)
-    assert not [r for r in caplog.records if r.name == "gateway.access"]
+    finally:
+        access_logger.setLevel(previous)
+    assert access_lines(t, stream) == []
+
+
+def test_disabled_access_log_writes_nothing() -> None:
+    stream = io.StringIO()
+    t = Telemetry(AccessLogConfig(enabled=False), access_stream=stream)
+    finished(t)
+    finished(t, status=500)
+    assert access_lines(t, stream) == []
     assert (
         samples(t)[("llm_gateway_requests_total", (("model", "m"), ("replica", "r1"), ("status", "500")))]
         == 1
