@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
-
 from gateway.config import HealthConfig
 from gateway.fetch import Fetcher, FetchError
 from gateway.pool import Registry, Replica
@@ -43,7 +41,6 @@ class HealthChecker:
         self,
         registry: Registry,
         cfg: HealthConfig,
-        session: aiohttp.ClientSession,
         telemetry: Telemetry,
         *,
         concurrency: int = 64,
@@ -51,7 +48,6 @@ class HealthChecker:
     ) -> None:
         self.registry = registry
         self.cfg = cfg
-        self.session = session
         self.telemetry = telemetry
         self.spread_s = cfg.interval_s * SPREAD_FRACTION if spread_s is None else spread_s
         """A round's checks start evenly over this many seconds (0: all at once)."""

@@ -303,7 +303,6 @@ class Exchange:
         "client_keep_alive",
         "close_client",
         "conn",
-        "extra_headers",
         "finished",
         "fresh",
         "gw",
@@ -325,7 +324,6 @@ class Exchange:
         "tokens",
         "tried",
         "up",
-        "upstream_tail",
     )
 
     def __init__(
@@ -355,7 +353,7 @@ class Exchange:
         self.client_keep_alive = req.keep_alive
         self.strategy: str | None = None
         self.routing_headers = b""
-        self.extra_headers = b""
+        """Response header lines naming the routing decision (`routing-strategy`, `x-gateway-profile`)."""
         self.slot: Slot | None = None
         self.replica: Replica | None = None
         self.up: UpstreamConnection | None = None
@@ -370,13 +368,6 @@ class Exchange:
         self.bytes_out = 0
         self.sent_at = 0.0
         self.head_at = 0.0
-        body = req.body
-        self.upstream_tail = b"%scontent-length: %d\r\nx-request-id: %s\r\n\r\n%s" % (
-            b"".join(req.forward),
-            len(body),
-            self.request_id,
-            body,
-        )
 
     # -- getting a slot and a connection ------------------------------------------------------------
 
@@ -455,17 +446,23 @@ class Exchange:
         assert replica is not None
         upstream: UpstreamPool = replica.upstream  # type: ignore[assignment]
         self.up = up
-        self.extra_headers = b"x-request-id: %s\r\n%s%s" % (
-            self.request_id,
-            upstream.replica_header,
-            self.routing_headers,
-        )
         if self.conn.paused_writing:
             up.pause()
         req = self.req
+        body = req.body
         now = self.sent_at = _monotonic()
         up.send(
-            self, b"%s %s HTTP/1.1\r\n%s%s" % (req.method, req.url, upstream.host_header, self.upstream_tail)
+            self,
+            b"%s %s HTTP/1.1\r\n%s%scontent-length: %d\r\nx-request-id: %s\r\n\r\n%s"
+            % (
+                req.method,
+                req.url,
+                upstream.host_header,
+                b"".join(req.forward),
+                len(body),
+                self.request_id,
+                body,
+            ),
         )
         self.gw.watched.add(self)
         self.pool.router.on_dispatch(self.rreq, replica, now)
@@ -476,12 +473,13 @@ class Exchange:
         self.status = status
         self.sse = sse
         self.close_client = close_client
-        self.head_at = _monotonic()
+        up = self.up
+        self.head_at = up.last_at if up is not None else _monotonic()  # the head's arrival, just read
         replica = self.replica
         assert replica is not None
         if status >= 500:
             self.gw.telemetry.upstream_error(replica.id, "status_5xx")
-        else:
+        elif replica.consecutive_failures or replica.ejections:
             replica.record_success()
 
     def on_complete(self) -> None:
@@ -651,8 +649,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._unwatch()
-        self._release()
+        self.gw.watched.discard(self)
+        if self.slot is not None:
+            self._release()
         self._report(status)
         self.conn.finish(close)
 

@@ -416,7 +416,6 @@ class Scraper:
         self,
         registry: Registry,
         cfg: ScrapeConfig,
-        session: aiohttp.ClientSession,
         telemetry: Telemetry,
         *,
         concurrency: int = 64,
@@ -425,7 +424,6 @@ class Scraper:
     ) -> None:
         self.registry = registry
         self.cfg = cfg
-        self.session = session
         self.telemetry = telemetry
         self.max_bytes = max_bytes
         self.spread_s = cfg.interval_s * SPREAD_FRACTION if spread_s is None else spread_s

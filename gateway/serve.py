@@ -333,11 +333,8 @@ async def _serve(config: GatewayConfig, token: str | None, index: int, reuse_por
     initial = replica_set_from_config(config)
     registry.apply(initial.generation, initial.replicas)
 
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60), auto_decompress=False
-    )
-    health = HealthChecker(registry, config.health, session, telemetry)
-    scraper = Scraper(registry, config.scrape, session, telemetry)
+    health = HealthChecker(registry, config.health, telemetry)
+    scraper = Scraper(registry, config.scrape, telemetry)
     server = HttpServer(gateway, config.limits, config.timeouts)
     admin_cfg = config.admin
     if index:
@@ -388,7 +385,6 @@ async def _serve(config: GatewayConfig, token: str | None, index: int, reuse_por
         await scraper.stop()
         if admin is not None:
             await admin.cleanup()
-        await session.close()
     return 0
 
 

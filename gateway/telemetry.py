@@ -289,7 +289,9 @@ class Telemetry:
         if ttfb_s is not None:
             stats.ttfb.observe(ttfb_s)
         stats.bytes_out += bytes_out
-        self.access.record(request_id, model, replica_id, status, ttfb_s, duration_s, bytes_out, strategy)
+        access = self.access
+        if access.enabled:
+            access.record(request_id, model, replica_id, status, ttfb_s, duration_s, bytes_out, strategy)
 
     def flush_access_log(self) -> None:
         """Write the buffered access-log lines (the serve loop calls this every second)."""

@@ -48,8 +48,10 @@ class Sink(Protocol):
     """One request's view of its upstream response (implemented by `gateway.proxy.Exchange`)."""
 
     client: asyncio.Transport
-    extra_headers: bytes
-    """Header lines the gateway adds to the response (request id, replica, routing)."""
+    request_id: bytes
+    """Sent upstream and back to the client as `x-request-id`."""
+    routing_headers: bytes
+    """Header lines the gateway adds to the response besides the request id and the replica."""
     client_http11: bool
     client_keep_alive: bool
     bytes_out: int
@@ -73,13 +75,13 @@ class UpstreamConnection(asyncio.Protocol):
         "body_parts",
         "chunked",
         "closed",
+        "cuts",
         "dechunk",
         "done",
         "framed",
         "got_bytes",
         "head_buf",
         "head_done",
-        "head_parts",
         "in_chunk",
         "keep_alive",
         "last_at",
@@ -111,7 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.head_buf = b""
-        self.head_parts: list[bytes] = []
+        self.cuts: list[bytes] | None = None
+        """Names (as received) of the header lines not relayed; the rest of the head goes out verbatim."""
         self.body_parts: list[bytes] = []
         self.chunked = False
         self.framed = False
@@ -224,15 +227,23 @@ class UpstreamConnection(asyncio.Protocol):
         sink.on_head(status, self.sse, close_client)
         if self.sink is None:
             return
-        head = b"%s%s%s%s%s\r\n" % (
+        first = buf.find(b"\r\n")
+        end = buf.find(b"\r\n\r\n")
+        head = b"%s%s%sx-request-id: %s\r\n%s%s%s\r\n" % (
             status_line(status),
-            b"".join(self.head_parts),
+            _kept_headers(buf, first, end, self.cuts),
             _CHUNKED if self.chunked and raw else b"",
-            sink.extra_headers,
+            sink.request_id,
+            self.pool.replica_header,
+            sink.routing_headers,
             conn_line,
         )
-        body = buf[buf.find(b"\r\n\r\n") + 4 :] if raw else b"".join(self.body_parts)
-        self.body_parts = []
+        if raw:
+            # A large body is copied once (into `out`), not twice.
+            body = buf[end + 4 :] if len(buf) - end < 4096 else memoryview(buf)[end + 4 :]
+        else:
+            body = b"".join(self.body_parts)
+            self.body_parts = []
         self.relaying = True
         self.head_buf = b""
         out = head + body if body else head
@@ -256,7 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish(self, sink: Sink, keep_alive: bool) -> None:
         self.sink = None
         if keep_alive and not self.closed:
-            self.resume()
+            if self.paused:
+                self.resume()
             self._reset()
             self.reused = True
             self.pool.put(self)
@@ -273,16 +285,19 @@ class UpstreamConnection(asyncio.Protocol):
             return  # trailers travel raw inside the chunked body
         kind = _RESPONSE_HEADERS.get(name.lower())
         if kind is None:
-            self.head_parts.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _CL:
+            return
+        if kind == _CL:
             self.framed = True
-            self.head_parts.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _TE:
-            self.chunked = b"chunked" in value.lower()
         elif kind == _CT:
             if value[:17].lower() == b"text/event-stream":
                 self.sse = True
-            self.head_parts.append(b"%s: %s\r\n" % (name, value))
+        else:
+            if kind == _TE:
+                self.chunked = b"chunked" in value.lower()
+            if self.cuts is None:
+                self.cuts = [name]
+            else:
+                self.cuts.append(name)
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -299,12 +314,39 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 sink.bytes_out += len(body)
                 sink.client.write(body)
-        elif not self.relaying:
+        elif self.chunked and not self.relaying:
             self.body_parts.append(body)  # arrived with the head: written after it, if de-chunking
 
     def on_message_complete(self) -> None:
         self.done = True
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful inside the callback
+
+
+def _kept_headers(head: bytes, first: int, end: int, cuts: list[bytes] | None) -> bytes:
+    """The response's header lines (each with its CRLF, as received) minus those named in `cuts`.
+
+    `first` is where the CRLF ending the status line starts, `end` where the blank line's CRLFCRLF does.
+    llhttp has already refused obs-fold, bare LF and whitespace before a colon, so every header line is
+    exactly CRLF, name, colon: a cut name's first remaining occurrence is the line to drop.
+    """
+    if cuts is None:
+        return head[first + 2 : end + 2]
+    block = head[first:end]
+    for name in cuts:
+        needle = _NEEDLES.get(name)
+        if needle is None:
+            needle = b"\r\n%s:" % name
+            if len(_NEEDLES) < 64:
+                _NEEDLES[name] = needle
+        i = block.find(needle)
+        if i >= 0:
+            j = block.find(b"\r\n", i + 2)
+            block = block[:i] + block[j:] if j >= 0 else block[:i]
+    return block[2:] + b"\r\n" if block else b""
+
+
+_NEEDLES: dict[bytes, bytes] = {}
+"""`CRLF name:` per header name seen in a cut (a handful in practice; bounded all the same)."""
 
 
 class UpstreamPool:

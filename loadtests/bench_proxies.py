@@ -800,11 +800,12 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or RESULTS / f"proxies-{stamp}"
             cmd = ["unshare", "-n", sys.executable, str(Path(__file__).resolve())]
             cmd += [*(argv if argv is not None else sys.argv[1:]), "--in-netns", "--out", str(out)]
-            return subprocess.run(cmd, check=False).returncode
+            return run_in_netns(cmd)
         print("note: no private network namespace; using the host loopback", flush=True)
     else:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
+    stop_on_sigterm()
     run_dir = (args.out or RESULTS / f"proxies-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cores = Cores.detect()
@@ -918,6 +919,18 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "results.json").write_text(json.dumps(raw, indent=2))
     print(f"\nraw results: {run_dir / 'results.json'}")
     return 0
+
+
+def run_in_netns(cmd: list[str]) -> int:
+    """Run the benchmark again inside `unshare -n`, passing SIGTERM on so it stops what it started."""
+    child = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    return child.wait()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every started server is stopped by the `finally` blocks."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def cpu_model() -> str:

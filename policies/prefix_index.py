@@ -44,7 +44,7 @@ def block_hashes(text: str, block: int, max_blocks: int) -> tuple[int, ...]:
 
 
 class _ReplicaBlocks:
-    __slots__ = ("bit", "cap", "id", "lru", "slot")
+    __slots__ = ("bit", "cap", "cap_for", "id", "lru", "slot")
 
     def __init__(self, replica_id: str, slot: int) -> None:
         self.id = replica_id
@@ -52,6 +52,9 @@ class _ReplicaBlocks:
         self.bit = 1 << slot
         self.cap = 1
         """The bound applied at its last insert."""
+        self.cap_for: tuple[EngineSignals | None, int] | None = None
+        """(signals, replicas in the index) `cap` was computed for: recomputed only when either changes
+        (the scraper assigns a new snapshot each time), not on every dispatch."""
         self.lru: OrderedDict[int, float] = OrderedDict()
         """block hash -> time of its last dispatch; oldest first."""
 
@@ -154,7 +157,12 @@ class PrefixIndex:
             else:
                 lru[h] = now
                 masks[h] = masks.get(h, 0) | bit
-        cap = rb.cap = self.capacity(signals)
+        cap_for = rb.cap_for
+        n = len(self._replicas)
+        if cap_for is None or cap_for[0] is not signals or cap_for[1] != n:
+            rb.cap = self.capacity(signals)
+            rb.cap_for = (signals, n)
+        cap = rb.cap
         oldest = now - self.ttl
         while lru:
             if len(lru) <= cap:

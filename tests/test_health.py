@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -44,12 +43,6 @@ class Backend:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 def start_backend(aiohttp_server: Any) -> Callable[[Backend], Any]:
     async def start(backend: Backend) -> str:
         server = await aiohttp_server(backend.app())
@@ -77,12 +70,12 @@ def find(registry: Registry, rid: str) -> Replica:
 
 
 async def test_thresholds_take_a_replica_out_and_bring_it_back(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
+    start_backend: Callable[[Backend], Any],
 ) -> None:
     backend = Backend()
     registry = registry_with(ReplicaSpec("a", "m", await start_backend(backend)))
     telemetry = Telemetry(AccessLogConfig())
-    checker = HealthChecker(registry, cfg(), session, telemetry)
+    checker = HealthChecker(registry, cfg(), telemetry)
     a = find(registry, "a")
     backend.status = 503
     await checker.check_all()
@@ -101,7 +94,7 @@ async def test_thresholds_take_a_replica_out_and_bring_it_back(
 
 
 async def test_hanging_and_refusing_replicas_fail_their_checks(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
+    start_backend: Callable[[Backend], Any],
 ) -> None:
     hanging = Backend()
     hanging.hang = True
@@ -109,9 +102,7 @@ async def test_hanging_and_refusing_replicas_fail_their_checks(
         ReplicaSpec("hang", "m", await start_backend(hanging)),
         ReplicaSpec("refused", "m", f"http://127.0.0.1:{free_port()}"),
     )
-    checker = HealthChecker(
-        registry, cfg(timeout_s=0.1, unhealthy_threshold=1), session, Telemetry(AccessLogConfig())
-    )
+    checker = HealthChecker(registry, cfg(timeout_s=0.1, unhealthy_threshold=1), Telemetry(AccessLogConfig()))
     started = time.monotonic()
     await checker.check_all()
     assert time.monotonic() - started < 5
@@ -119,13 +110,11 @@ async def test_hanging_and_refusing_replicas_fail_their_checks(
     assert not find(registry, "refused").healthy
 
 
-async def test_recovery_pumps_waiters_onto_the_replica(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
-) -> None:
+async def test_recovery_pumps_waiters_onto_the_replica(start_backend: Callable[[Backend], Any]) -> None:
     backend = Backend()
     registry = registry_with(ReplicaSpec("a", "m", await start_backend(backend), capacity=1))
     checker = HealthChecker(
-        registry, cfg(healthy_threshold=1, unhealthy_threshold=1), session, Telemetry(AccessLogConfig())
+        registry, cfg(healthy_threshold=1, unhealthy_threshold=1), Telemetry(AccessLogConfig())
     )
     pool = registry.pool("m")
     a = find(registry, "a")
@@ -148,15 +137,13 @@ async def test_recovery_pumps_waiters_onto_the_replica(
 
 
 async def test_replicas_added_at_run_time_are_checked_at_once(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
+    start_backend: Callable[[Backend], Any],
 ) -> None:
     backend = Backend()
     url = await start_backend(backend)
     registry = registry_with(ReplicaSpec("a", "m", url))
     # A long interval: only the on_added hook can check the new replicas quickly.
-    checker = HealthChecker(
-        registry, cfg(interval_s=30, unhealthy_threshold=1), session, Telemetry(AccessLogConfig())
-    )
+    checker = HealthChecker(registry, cfg(interval_s=30, unhealthy_threshold=1), Telemetry(AccessLogConfig()))
     await checker.start()
     try:
         await asyncio.sleep(0.1)
@@ -177,7 +164,7 @@ async def test_replicas_added_at_run_time_are_checked_at_once(
 
 
 async def test_loop_keeps_checking_and_reaps_retired_replicas(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
+    start_backend: Callable[[Backend], Any],
 ) -> None:
     backend = Backend()
     url = await start_backend(backend)
@@ -190,7 +177,7 @@ async def test_loop_keeps_checking_and_reaps_retired_replicas(
     assert slot is not None
     registry.apply(2, [ReplicaSpec("a", "m", url)])
     assert registry.retired == {"b": b}
-    checker = HealthChecker(registry, cfg(), session, Telemetry(AccessLogConfig()))
+    checker = HealthChecker(registry, cfg(), Telemetry(AccessLogConfig()))
     await checker.start()
     try:
         slot.release()
@@ -206,11 +193,11 @@ async def test_loop_keeps_checking_and_reaps_retired_replicas(
 
 
 async def test_plain_openai_servers_are_checked_on_their_model_list(
-    start_backend: Callable[[Backend], Any], session: aiohttp.ClientSession
+    start_backend: Callable[[Backend], Any],
 ) -> None:
     backend = Backend()
     registry = registry_with(ReplicaSpec("o", "m", await start_backend(backend), engine="openai"))
-    await HealthChecker(registry, cfg(), session, Telemetry(AccessLogConfig())).check_all()
+    await HealthChecker(registry, cfg(), Telemetry(AccessLogConfig())).check_all()
     assert backend.paths == ["/v1/models"]
 
 
@@ -224,7 +211,7 @@ async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 
 async def test_a_real_simulator_leaves_rotation_rejoins_by_itself_and_leaves_when_killed(
-    tmp_path: Path, session: aiohttp.ClientSession
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     args = ["sim", "--port", str(port), "--instant", "--fault-startup-delay-s", "1.5"]
@@ -232,7 +219,7 @@ async def test_a_real_simulator_leaves_rotation_rejoins_by_itself_and_leaves_whe
         registry = registry_with(ReplicaSpec("sim", "m", sim.url))
         telemetry = Telemetry(AccessLogConfig())
         fast = cfg(interval_s=0.1, timeout_s=0.5, healthy_threshold=1, unhealthy_threshold=1)
-        checker = HealthChecker(registry, fast, session, telemetry)
+        checker = HealthChecker(registry, fast, telemetry)
         replica = find(registry, "sim")
         await checker.start()
         try:

@@ -308,7 +308,7 @@ async def test_scraper_fills_signals_of_every_dialect(
         ReplicaSpec("l", "m", llama, engine="llamacpp"),
     )
     telemetry = Telemetry(AccessLogConfig())
-    scraper = Scraper(registry, scrape_cfg(), session, telemetry)
+    scraper = Scraper(registry, scrape_cfg(), telemetry)
     before = time.monotonic()
     await scraper.scrape_all()
     await scraper.scrape_all()  # static config is read once a minute and carried over meanwhile
@@ -328,7 +328,7 @@ async def test_llamacpp_without_slots_endpoint_is_asked_rarely(
 ) -> None:
     engine = Engine(fixture("llamacpp.txt"), slots=None)
     registry = make_registry(ReplicaSpec("l", "m", await start_engine(engine), engine="llamacpp"))
-    scraper = Scraper(registry, scrape_cfg(), session, Telemetry(AccessLogConfig()))
+    scraper = Scraper(registry, scrape_cfg(), Telemetry(AccessLogConfig()))
     for _ in range(3):
         await scraper.scrape_all()
     replica = registry.find("l")
@@ -343,7 +343,7 @@ async def test_failed_scrapes_keep_the_snapshot_until_stale_then_unknown(
     engine = Engine(fixture("vllm.txt"))
     registry = make_registry(ReplicaSpec("v", "m", await start_engine(engine)))
     telemetry = Telemetry(AccessLogConfig())
-    scraper = Scraper(registry, scrape_cfg(stale_after_s=0.2), session, telemetry)
+    scraper = Scraper(registry, scrape_cfg(stale_after_s=0.2), telemetry)
     await scraper.scrape_all()
     replica = registry.find("v")
     assert replica is not None and replica.signals is not None
@@ -369,7 +369,7 @@ async def test_unreachable_replica_and_oversized_page_are_errors(
         ReplicaSpec("down", "m", f"http://127.0.0.1:{free_port()}"),
         ReplicaSpec("big", "m", big),
     )
-    scraper = Scraper(registry, scrape_cfg(), session, Telemetry(AccessLogConfig()), max_bytes=64 * 1024)
+    scraper = Scraper(registry, scrape_cfg(), Telemetry(AccessLogConfig()), max_bytes=64 * 1024)
     await scraper.scrape_all()
     down, oversized = registry.find("down"), registry.find("big")
     assert down is not None and down.signals is None and (down.signals_error or "").startswith("connect")
@@ -382,7 +382,7 @@ async def test_scraper_loop_picks_up_replicas_added_at_run_time(
 ) -> None:
     url = await start_engine(Engine(fixture("sglang.txt")))
     registry = make_registry()
-    scraper = Scraper(registry, scrape_cfg(), session, Telemetry(AccessLogConfig()))
+    scraper = Scraper(registry, scrape_cfg(), Telemetry(AccessLogConfig()))
     await scraper.start()
     try:
         registry.apply(
@@ -496,7 +496,7 @@ async def test_scraping_a_real_simulator_matches_its_own_counters(
             await asyncio.to_thread(_post_chat, sim.url, prompt + str(i))
         assert await discover(session, sim.url) == ("sim-model", dialect)
         registry = make_registry(ReplicaSpec("sim", "sim-model", sim.url, engine=dialect))  # type: ignore[arg-type]
-        await Scraper(registry, scrape_cfg(), session, Telemetry(AccessLogConfig())).scrape_all()
+        await Scraper(registry, scrape_cfg(), Telemetry(AccessLogConfig())).scrape_all()
         status, raw = http_get(sim.url + "/sim/stats")
         assert status == 200
         stats = orjson.loads(raw)
