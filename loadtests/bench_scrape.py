@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
+from bench_proxies import run_in_netns, stop_on_sigterm  # noqa: E402  (loadtests/ is on sys.path)
 
 from gateway.config import AccessLogConfig, ReplicaSpec, ScrapeConfig  # noqa: E402
 from gateway.pool import Registry  # noqa: E402
@@ -226,18 +227,6 @@ def run(args: argparse.Namespace) -> int:
     (run_dir / "results.json").write_text(json.dumps(raw, indent=2))
     print(f"raw results: {run_dir / 'results.json'}")
     return 0
-
-
-def run_in_netns(cmd: list[str]) -> int:
-    """Run the benchmark again inside `unshare -n`, passing SIGTERM on so it stops what it started."""
-    child = subprocess.Popen(cmd)
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
-    return child.wait()
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so nginx is stopped by the `finally` block."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main() -> int:

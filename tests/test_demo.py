@@ -8,20 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.procs import REPO, free_port
-from tests.test_sidecar_support import processes_with, unique_model, wait_for
+from tests.test_sidecar_support import processes_with, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    yield from unique_model()
 
 
 def test_demo_prints_working_snippets_and_stops_cleanly(tmp_path: Path, model: str) -> None:

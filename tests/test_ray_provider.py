@@ -36,7 +36,7 @@ from gateway.sidecar.providers.ray import (
 from gateway.sidecar.spec import SidecarConfig
 from gateway.sidecar.store import Store
 from tests.procs import http_get
-from tests.test_sidecar_support import pid_alive, processes_with, service, unique_model
+from tests.test_sidecar_support import pid_alive, processes_with, service
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,11 +71,6 @@ def cluster() -> Iterator[Cluster]:
         if ray.is_initialized():
             ray.shutdown()
         c.shutdown()
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    yield from unique_model()
 
 
 def provider_config(cluster: Cluster, tmp_path: Path, **overrides: Any) -> RayProviderConfig:

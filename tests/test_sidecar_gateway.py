@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,12 @@ from tests.test_sidecar_support import (
     running_gangs,
     service,
     sim_command,
-    unique_model,
     wait_for,
     write_config,
 )
 from tests.test_sidecar_support import start_sidecar as start
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    yield from unique_model()
 
 
 class Traffic:

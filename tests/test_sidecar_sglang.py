@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port, http_get, wait_http
-from tests.test_sidecar_support import base_config, pid_alive, running_gangs, service, unique_model, wait_for
+from tests.test_sidecar_support import base_config, pid_alive, running_gangs, service, wait_for
 from tests.test_sidecar_support import start_sidecar as start
 
 pytestmark = [
@@ -25,11 +25,6 @@ pytestmark = [
         reason="sglang-router (test extra) is not installed",
     ),
 ]
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    yield from unique_model()
 
 
 @pytest.fixture

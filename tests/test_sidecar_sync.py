@@ -22,7 +22,6 @@ from tests.test_sidecar_support import (
     running_gangs,
     service,
     sim_command,
-    unique_model,
     wait_for,
     write_config,
 )
@@ -31,11 +30,6 @@ from tests.test_sidecar_support import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    yield from unique_model()
 
 
 @pytest.fixture
