@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 import orjson
@@ -522,8 +522,9 @@ class ClientConnection(asyncio.Protocol):
         self._write(head + body if req.method != b"HEAD" else head)
         self.finish(close)
 
-    def finish(self, close: bool) -> None:
-        """The current response is complete: close, or go on with the next request."""
+    def finish(self, close: bool, now: float = 0.0) -> None:
+        """The current response is complete: close, or go on with the next request. `now`: the
+        monotonic clock if the caller just read it (timeouts restart from it)."""
         self.busy = False
         self.active = None
         if self.closed:
@@ -537,7 +538,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._next()
             return
-        clock = _monotonic()
+        clock = now or _monotonic()
         timeouts = self.server.timeouts
         pstate = self.pstate
         if pstate == _BETWEEN:
@@ -659,9 +660,8 @@ class HttpServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        sockname: tuple[str, int] = self._server.sockets[0].getsockname()
-        return sockname[1]
+        server: Any = self._server  # uvloop's `sockets` is a list, not the tuple the stubs say
+        return int(server.sockets[0].getsockname()[1])
 
     def _schedule_sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweeper = loop.call_later(self.sweep_interval, self._sweep, loop)

@@ -147,7 +147,8 @@ class Slot:
         replica.in_flight -= 1
         replica.outstanding_tokens -= self.tokens
         pool = self.pool
-        pool.on_change(replica)
+        if pool.on_change is not None:
+            pool.on_change(replica)
         if pool.waiters:
             pool.pump()
 
@@ -177,8 +178,8 @@ class Pool:
         self.replicas: dict[str, Replica] = {}
         self.queue_max = queue_max
         self.waiters: deque[_Waiter] = deque()
-        self.on_change: Callable[[Replica], None] = on_change or (lambda replica: None)
-        """Called after every reservation change of a replica (telemetry gauges hook in here)."""
+        self.on_change: Callable[[Replica], None] | None = on_change
+        """Called after every reservation change of a replica (a hook for tests and tools)."""
 
     def eligible(self, now: float) -> list[Replica]:
         return [r for r in self.replicas.values() if r.eligible(now)]
@@ -190,14 +191,18 @@ class Pool:
         replica.in_flight += 1
         replica.outstanding_tokens += tokens
         replica.requests_total += 1
-        self.on_change(replica)
+        if self.on_change is not None:
+            self.on_change(replica)
         return Slot(self, replica, tokens)
 
-    def try_reserve(self, ranked: Iterable[Replica], tokens: int = 0) -> Slot | None:
+    def try_reserve(
+        self, ranked: Iterable[Replica], tokens: int = 0, now: float | None = None
+    ) -> Slot | None:
         """A slot on the best-ranked replica that has one, without waiting. Never jumps the queue."""
         if self.waiters:
             return None
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         for replica in ranked:
             if replica.in_flight < replica.capacity and replica.eligible(now):
                 return self._take(replica, tokens)

@@ -17,7 +17,6 @@ import logging
 import os
 import time
 from itertools import count
-from typing import Any
 
 import msgspec
 import orjson
@@ -25,6 +24,7 @@ import orjson
 from gateway.config import GatewayConfig
 from gateway.http_server import ClientConnection, Request, Route, error_body
 from gateway.pool import NoReplicas, Pool, QueueFull, QueueTimeout, Registry, Replica, Slot
+from gateway.request_fields import RoutingFields
 from gateway.telemetry import Telemetry
 from gateway.upstream import UpstreamConnection, UpstreamPool
 from policies.base import RouteRequest, RoutingError
@@ -50,21 +50,6 @@ ROUTES: dict[bytes, Route] = {
     b"/health": Route("health", (b"GET", b"HEAD")),
     b"/ready": Route("ready", (b"GET", b"HEAD")),
 }
-
-
-class RoutingFields(msgspec.Struct):
-    """The only part of a request body the gateway decodes; the body itself goes upstream untouched."""
-
-    model: str | None = None
-    stream: bool | None = None
-    messages: list[Any] | None = None
-    prompt: Any = None
-    input: Any = None
-    """Embeddings input: routed by its (first) text like a completions prompt."""
-    user: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream_options: dict[str, Any] | None = None
 
 
 _decoder = msgspec.json.Decoder(RoutingFields)
@@ -372,7 +357,7 @@ class Exchange:
     # -- getting a slot and a connection ------------------------------------------------------------
 
     def start(self) -> None:
-        slot = self.pool.try_reserve(self.ranked, self.tokens)
+        slot = self.pool.try_reserve(self.ranked, self.tokens, self.t0)
         if slot is not None:
             self.slot = slot
             self.replica = slot.replica
@@ -482,14 +467,14 @@ class Exchange:
         elif replica.consecutive_failures or replica.ejections:
             replica.record_success()
 
-    def on_complete(self) -> None:
-        up = self.up
-        if up is not None and self.replica is not None:
+    def on_complete(self, last_at: float, n_chunks: int) -> None:
+        replica = self.replica
+        if replica is not None and last_at:
             itl = None
-            if self.sse and up.n_chunks > 1:
-                itl = (up.last_at - self.head_at) / (up.n_chunks - 1)
-            self.replica.observe_latency(self.head_at - self.sent_at, itl)
-        self._end(self.status, self.close_client)
+            if self.sse and n_chunks > 1:
+                itl = (last_at - self.head_at) / (n_chunks - 1)
+            replica.observe_latency(self.head_at - self.sent_at, itl)
+        self._end(self.status, self.close_client, last_at)
 
     def on_failed(self, kind: str, *, before_head: bool, stale: bool, clean_cut: bool) -> None:
         up = self.up
@@ -645,23 +630,26 @@ class Exchange:
             b"x-request-id: %s\r\n%s%s" % (self.request_id, self.routing_headers, headers),
         )
 
-    def _end(self, status: int, close: bool) -> None:
+    def _end(self, status: int, close: bool, now: float = 0.0) -> None:
+        """The response is over (`now`: when its last byte arrived, if known)."""
         if self.finished:
             return
         self.finished = True
         self.gw.watched.discard(self)
         if self.slot is not None:
             self._release()
-        self._report(status)
-        self.conn.finish(close)
+        if not now:
+            now = _monotonic()
+        self._report(status, now)
+        self.conn.finish(close, now)
 
-    def _report(self, status: int) -> None:
+    def _report(self, status: int, now: float = 0.0) -> None:
         replica = self.replica
         self.gw.telemetry.request_finished(
             model=self.pool.model,
             replica_id=replica.id if replica is not None else "",
             status=status,
-            duration_s=_monotonic() - self.t0,
+            duration_s=(now or _monotonic()) - self.t0,
             ttfb_s=self.head_at - self.t0 if self.head_at else None,
             bytes_out=self.bytes_out,
             request_id=self.request_id.decode("latin-1"),

@@ -323,9 +323,7 @@ async def _serve(config: GatewayConfig, token: str | None, index: int, reuse_por
     loop = asyncio.get_running_loop()
     telemetry = Telemetry(config.access_log)
     routers = Routers(config)
-    registry = Registry(
-        routers.factory, queue_max=config.queue.max_size, on_change=telemetry.on_reservation_change
-    )
+    registry = Registry(routers.factory, queue_max=config.queue.max_size)
     for pool in config.pools:
         registry.pool(pool.model)
     telemetry.attach(registry)

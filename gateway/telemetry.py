@@ -1,9 +1,10 @@
 """Prometheus metrics (prefix `llm_gateway_`) and the access log of one gateway replica.
 
-Hot-path calls (`request_finished`, `on_reservation_change`) only bump plain dict entries and
-hand the access log a tuple (written in batches); the Prometheus families are assembled when
-`/metrics` is read. Latency histograms are per model, not per replica, to keep the series count flat as a
-fleet grows; per-replica health shows in the counters and gauges.
+The hot-path call (`request_finished`) only bumps plain dict entries and hands the access log a tuple
+(written in batches); the Prometheus families are assembled when `/metrics` is read, and reserved slots
+are read off the replicas themselves then, so a reservation costs telemetry nothing. Latency histograms
+are per model, not per replica, to keep the series count flat as a fleet grows; per-replica health shows
+in the counters and gauges.
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ class _HotPath:
     scraped. prometheus_client's locked children cost ~4 us per request; this costs well under 1 us.
     Everything runs on the event loop thread, collection included, so no locks are needed."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: dict[str, Replica]) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.models: dict[str, _ModelStats] = {}
-        self.reserved: dict[tuple[str, str], int] = {}
+        self.replicas = replicas
+        """The tracked replicas by id (shared with `Telemetry`): their `in_flight` is the gauge."""
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(P + "requests", REQUESTS_HELP, labels=["model", "replica", "status"])
@@ -146,8 +148,8 @@ class _HotPath:
         yield ttfb or HistogramMetricFamily(P + "time_to_first_byte_seconds", TTFB_HELP, labels=["model"])
         yield sent
         reserved = GaugeMetricFamily(P + "reserved_slots", RESERVED_HELP, labels=["model", "replica"])
-        for (model, replica), held in self.reserved.items():
-            reserved.add_metric([model, replica], held)
+        for held in self.replicas.values():
+            reserved.add_metric([held.model, held.id], held.in_flight)
         yield reserved
 
 
@@ -169,7 +171,8 @@ class Telemetry:
         self.registry = registry
         self.access = AccessLog(access_log, stream=access_stream)
         self._pools: Registry | None = None
-        self._hot = _HotPath()
+        self._owners: dict[str, Replica] = {}
+        self._hot = _HotPath(self._owners)
         registry.register(self._hot)
         self.queue = Gauge(
             P + "queue_depth",
@@ -223,7 +226,6 @@ class Telemetry:
         registry.register(self._ages)
 
         self._error_children: dict[tuple[str, str], Counter] = {}
-        self._owners: dict[str, Replica] = {}
 
     # --- wiring ------------------------------------------------------------------------------
 
@@ -238,7 +240,6 @@ class Telemetry:
 
     def replica_added(self, replica: Replica) -> None:
         self._owners[replica.id] = replica
-        self.on_reservation_change(replica)
 
     def replica_removed(self, replica: Replica) -> None:
         """Drop every label series of the replica (unless a newer replica took over its id)."""
@@ -250,8 +251,6 @@ class Telemetry:
         hot = self._hot
         for key in [k for k in hot.requests if k[1] == rid]:
             del hot.requests[key]
-        for pair in [k for k in hot.reserved if k[1] == rid]:
-            del hot.reserved[pair]
         for pair in [k for k in self._error_children if k[0] == rid]:
             del self._error_children[pair]
             self.upstream_errors.remove(*pair)
@@ -262,9 +261,6 @@ class Telemetry:
         self._ages.scraped_at.pop(rid, None)
 
     # --- data plane ----------------------------------------------------------------------------
-
-    def on_reservation_change(self, replica: Replica) -> None:
-        self._hot.reserved[(replica.model, replica.id)] = replica.in_flight
 
     def request_finished(
         self,

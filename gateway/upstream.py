@@ -59,8 +59,8 @@ class Sink(Protocol):
     def on_head(self, status: int, sse: bool, close_client: bool) -> None:
         """The response head is about to go to the client (nothing was written yet)."""
 
-    def on_complete(self) -> None:
-        """The whole response was relayed; the connection is back in the pool or closed."""
+    def on_complete(self, last_at: float, n_chunks: int) -> None:
+        """The whole response was relayed."""
 
     def on_failed(self, kind: str, *, before_head: bool, stale: bool, clean_cut: bool) -> None:
         """The upstream failed. `stale`: a reused keep-alive connection died before any byte came back
@@ -239,16 +239,17 @@ class UpstreamConnection(asyncio.Protocol):
             conn_line,
         )
         if raw:
-            # A large body is copied once (into `out`), not twice.
-            body = buf[end + 4 :] if len(buf) - end < 4096 else memoryview(buf)[end + 4 :]
+            body: bytes | memoryview = buf[end + 4 :] if len(buf) - end < 4096 else memoryview(buf)[end + 4 :]
         else:
             body = b"".join(self.body_parts)
             self.body_parts = []
         self.relaying = True
         self.head_buf = b""
-        out = head + body if body else head
         sink.bytes_out += len(body)
-        sink.client.write(out)
+        if type(body) is memoryview:
+            sink.client.writelines((head, body))  # one writev: a large body is not copied at all
+        else:
+            sink.client.write(head + body if body else head)
         if body:
             self.n_chunks = 1
         if self.done:
@@ -266,6 +267,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish(self, sink: Sink, keep_alive: bool) -> None:
         self.sink = None
+        last_at, n_chunks = self.last_at, self.n_chunks
         if keep_alive and not self.closed:
             if self.paused:
                 self.resume()
@@ -276,7 +278,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
-        sink.on_complete()
+        sink.on_complete(last_at, n_chunks)
 
     # -- parser callbacks (framing only) ------------------------------------------------------------
 

@@ -59,7 +59,7 @@ ROUTERS = {
     "vllm-router": {"package": "vllm-router", "version": "0.1.17"},
     "sglang-router": {"package": "sglang-router", "version": "0.3.2"},
 }
-ALL_PROXIES = ["direct", "nginx", "gateway", "vllm-router", "sglang-router", "naive-aiohttp"]
+ALL_PROXIES = ["direct", "nginx", "gateway", "vllm-router", "sglang-router", "naive-aiohttp", "prototype"]
 TARGETS = (
     "chat req/s >= 2.0x vllm-router and >= 0.4x nginx; stream req/s >= 2.0x vllm-router; "
     "added latency vs direct: p50 <= 0.5 ms, p99 <= 2 ms"
@@ -329,6 +329,14 @@ def make_peers(names: list[str], args: argparse.Namespace, cores: Cores, run_dir
         )
         return Process("naive-aiohttp", cmd, log_dir / "naive-aiohttp.log"), port
 
+    def prototype(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
+        port = free_port()
+        script = str(HERE / "prototype_proxy.py")
+        cmd = pin(
+            cores.proxy, [sys.executable, script, "--listen", f"127.0.0.1:{port}", "--upstream", upstream]
+        )
+        return Process("prototype", cmd, log_dir / "prototype.log"), port
+
     def gateway(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
         port, admin = free_port(), free_port()
         config = {
@@ -385,6 +393,11 @@ def make_peers(names: list[str], args: argparse.Namespace, cores: Cores, run_dir
             import aiohttp
 
             peers.append(Peer("naive-aiohttp", aiohttp.__version__, "aiohttp+uvloop, no routing", naive))
+        elif name == "prototype":
+            import uvloop
+
+            note = "asyncio.Protocol+uvloop+httptools, no routing: the Python ceiling"
+            peers.append(Peer("prototype", uvloop.__version__, note, prototype))
         elif name == "gateway":
             peers.append(gateway_peer(args, gateway))
         else:
@@ -430,6 +443,10 @@ class Sample:
     wrk: dict[str, Any]
     gateway_counted: int | None = None
     """Requests the gateway's own metrics counted in the whole run (warm-up, checks and load)."""
+    cpu_busy: float | None = None
+    """Share of a core the proxy's processes used during the measured run (1.0 = its core was full)."""
+    cpu_us_per_request: float | None = None
+    """The proxy's CPU time per answered request: its cost, whether or not the load generator capped it."""
 
 
 def wrk(cores: Cores, port: int, scenario: str, seconds: float, connections: int) -> dict[str, Any]:
@@ -463,7 +480,9 @@ def measure(peer: Peer, scenario: str, rnd: int, ctx: Context) -> Sample:
         wait_ready(port, scenario, proc, ctx.args.start_timeout)
         if ctx.args.warmup > 0:
             wrk(ctx.cores, port, scenario, ctx.args.warmup, ctx.args.connections)
+        cpu_before = group_cpu_seconds(proc.popen.pid) if proc is not None else None
         res = wrk(ctx.cores, port, scenario, ctx.args.duration, ctx.args.connections)
+        cpu_after = group_cpu_seconds(proc.popen.pid) if proc is not None else None
         if proc is not None and not proc.alive():
             raise Skip(f"died under load: {proc.tail(5)}")
         counted = gateway_counted(proc.admin_port) if proc is not None and proc.admin_port else None
@@ -476,6 +495,7 @@ def measure(peer: Peer, scenario: str, rnd: int, ctx: Context) -> Sample:
     errors = sum(int(v) for k, v in res.items() if k.startswith("errors_"))
     requests = int(res["requests"])
     seconds = int(res["duration_us"]) / 1e6
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return Sample(
         peer.name,
         scenario,
@@ -488,7 +508,30 @@ def measure(peer: Peer, scenario: str, rnd: int, ctx: Context) -> Sample:
         requests=requests,
         wrk=res,
         gateway_counted=counted,
+        cpu_busy=None if cpu is None else cpu / seconds,
+        cpu_us_per_request=None if cpu is None or not requests else cpu / requests * 1e6,
     )
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """User plus system CPU time of every process in the proxy's process group, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def gateway_counted(admin_port: int) -> int | None:
@@ -570,6 +613,11 @@ def summarize(
                 "errors": float(sum(s.errors for s in mine)),
                 "rounds": float(len(mine)),
             }
+            cpu = [s.cpu_us_per_request for s in mine if s.cpu_us_per_request is not None]
+            busy = [s.cpu_busy for s in mine if s.cpu_busy is not None]
+            if cpu:
+                row["cpu_us_per_request"] = statistics.median(cpu)
+                row["cpu_busy"] = statistics.median(busy)
             for other in names:
                 ratios = [
                     s.rps / by[(other, scenario, s.round)].rps
@@ -604,6 +652,7 @@ def table(summary: dict[str, dict[str, dict[str, float]]], peers: list[Peer], sc
     head = ["proxy"]
     for sc in scenarios:
         head += [f"{sc} req/s", f"{sc} x direct", f"{sc} p50 / p99 ms", f"{sc} added p50 / p99 ms"]
+        head += [f"{sc} proxy CPU µs/req (core busy)"]
     head += ["version", "notes"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -612,7 +661,7 @@ def table(summary: dict[str, dict[str, dict[str, float]]], peers: list[Peer], sc
         for sc in scenarios:
             row = summary.get(peer.name, {}).get(sc)
             if row is None:
-                cells += ["skipped", "", "", ""]
+                cells += ["skipped", "", "", "", ""]
                 continue
             err = f" ({int(row['errors'])} errors)" if row["errors"] else ""
             cells.append(fmt_rps(row["rps"]) + err)
@@ -623,6 +672,10 @@ def table(summary: dict[str, dict[str, dict[str, float]]], peers: list[Peer], sc
             else:
                 nan = float("nan")
                 cells.append(f"{row.get('added_p50_ms', nan):+.2f} / {row.get('added_p99_ms', nan):+.2f}")
+            if "cpu_us_per_request" in row:
+                cells.append(f"{row['cpu_us_per_request']:.1f} ({row['cpu_busy']:.0%})")
+            else:
+                cells.append("-")
         cells.append(peer.version)
         cells.append(f"skipped: {peer.skipped}" if peer.skipped else peer.note)
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")

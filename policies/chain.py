@@ -29,7 +29,7 @@ from policies.least_utilization import LeastUtilizationScorer
 from policies.power_of_two import PowerOfTwoStrategy
 from policies.prefix_cache import PrefixCacheScorer
 from policies.random_choice import RandomStrategy
-from policies.scorer import ABSTAIN, ScoreContext, Scorer, SoloStrategy, SparseScorer
+from policies.scorer import ScoreContext, Scorer, SoloStrategy, SparseScorer
 from policies.session_affinity import SessionAffinityScorer
 from policies.throughput import ThroughputScorer
 
@@ -133,7 +133,7 @@ class Chain:
         lists: list[list[float]] = []
         for scorer in self.dense:
             s = scorer.score(req, replicas, now, ctx)
-            abstained = s.count(ABSTAIN)
+            abstained = sum(1 for x in s if x != x)  # NaN: abstained
             if abstained:
                 s = _neutral(s, abstained, n)
                 ctx.abstentions[scorer.name] = ctx.abstentions.get(scorer.name, 0) + abstained
@@ -239,9 +239,9 @@ def _swap_first(items: list[int], k: int) -> None:
 def _neutral(scores: list[float], abstained: int, n: int) -> list[float]:
     if abstained == n:
         return [0.5] * n
-    known = [x for x in scores if x is not ABSTAIN]
+    known = [x for x in scores if x == x]
     neutral = (sum(known) + 0.5) / (len(known) + 1)
-    return [neutral if x is ABSTAIN else x for x in scores]
+    return [x if x == x else neutral for x in scores]
 
 
 _CACHE: dict[str, Chain | StrategyError] = {}

@@ -38,5 +38,5 @@ class LeastLatencyScorer:
         if best == float("inf"):
             return predicted
         if best <= 0.0:
-            return [ABSTAIN if p is ABSTAIN else (1.0 if p <= 0.0 else 0.0) for p in predicted]
-        return [p if p is ABSTAIN else best / p for p in predicted]
+            return [p if p != p else (1.0 if p <= 0.0 else 0.0) for p in predicted]
+        return [p if p != p else best / p for p in predicted]

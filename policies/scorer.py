@@ -18,7 +18,8 @@ from policies.options import RoutingOptions
 from policies.prefix_index import PrefixIndex
 
 ABSTAIN = float("nan")
-"""The one abstention marker. Scorers must use this very object: the chain counts it by identity."""
+"""The abstention marker: any NaN score is an abstention (tested with `x != x`, never by identity, which
+compiled code does not keep for floats)."""
 
 
 class ScoreContext:

@@ -32,7 +32,6 @@ def registry() -> Registry:
 def telemetry(registry: Registry) -> Telemetry:
     telemetry = Telemetry(AccessLogConfig())
     telemetry.attach(registry)
-    registry.on_change = telemetry.on_reservation_change
     return telemetry
 
 

@@ -43,9 +43,7 @@ def finished(telemetry: Telemetry, status: int = 200, replica: str = "r1", reque
 
 
 def setup_registry(telemetry: Telemetry, *ids: str) -> Registry:
-    registry = Registry(
-        lambda model: LeastRequestRouter(), queue_max=10, on_change=telemetry.on_reservation_change
-    )
+    registry = Registry(lambda model: LeastRequestRouter(), queue_max=10)
     telemetry.attach(registry)
     registry.apply(
         1, [ReplicaSpec(i, "m", f"http://127.0.0.1:{18000 + n}", capacity=1) for n, i in enumerate(ids)]
