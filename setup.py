@@ -32,6 +32,7 @@ COMPILED = [
     "policies/random_choice.py",
     "policies/rate_limit.py",
     "policies/rendezvous.py",
+    "policies/request.py",
     "policies/router.py",
     "policies/scorer.py",
     "policies/session_affinity.py",

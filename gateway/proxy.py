@@ -278,7 +278,7 @@ class Gateway:
 
 
 class Exchange:
-    """One proxied request, from reservation to the last byte. Implements `gateway.upstream.Sink`."""
+    """One proxied request, from reservation to the last byte; the sink of its upstream connection."""
 
     __slots__ = (
         "attempts",
@@ -452,7 +452,7 @@ class Exchange:
         self.gw.watched.add(self)
         self.pool.router.on_dispatch(self.rreq, replica, now)
 
-    # -- Sink: what the upstream connection reports ---------------------------------------------------
+    # -- what the upstream connection reports ---------------------------------------------------
 
     def on_head(self, status: int, sse: bool, close_client: bool) -> None:
         self.status = status

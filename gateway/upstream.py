@@ -6,7 +6,14 @@ gateway's headers added) and the body bytes are relayed to the client as they ar
 body goes out verbatim to an HTTP/1.1 client, de-chunked to an HTTP/1.0 one. The client's write
 buffer pausing pauses reading from the upstream, so a slow client never makes the gateway buffer.
 
-What the response means (slots, retries, telemetry) is the business of the `Sink` (`gateway.proxy`).
+What the response means (slots, retries, telemetry) is the business of the sink, the request's
+`gateway.proxy.Exchange`: it is typed as that class, not as a protocol, so compiled code reads its fields
+directly. What the connection uses of it: `client` (the client's transport), `request_id`,
+`routing_headers` (extra response header lines), `client_http11`, `client_keep_alive`, `bytes_out`, and
+the callbacks `on_head(status, sse, close_client)` (the head is about to go out), `on_complete(last_at,
+n_chunks)` (all relayed; the connection is back in the pool or closed) and `on_failed(kind, before_head,
+stale, clean_cut)`: `stale` means a reused keep-alive connection died before any byte came back (safe to
+resend), `clean_cut` that the client body framing is at a chunk boundary (an error event can follow).
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from gateway.http_server import status_line
+
+if TYPE_CHECKING:
+    from gateway.proxy import Exchange
 
 _monotonic = time.monotonic
 
@@ -42,30 +52,6 @@ _RESPONSE_HEADERS: dict[bytes, int] = {
 }
 _MAX_HEAD = 64 * 1024
 _CHUNKED = b"transfer-encoding: chunked\r\n"
-
-
-class Sink(Protocol):
-    """One request's view of its upstream response (implemented by `gateway.proxy.Exchange`)."""
-
-    client: asyncio.Transport
-    request_id: bytes
-    """Sent upstream and back to the client as `x-request-id`."""
-    routing_headers: bytes
-    """Header lines the gateway adds to the response besides the request id and the replica."""
-    client_http11: bool
-    client_keep_alive: bool
-    bytes_out: int
-
-    def on_head(self, status: int, sse: bool, close_client: bool) -> None:
-        """The response head is about to go to the client (nothing was written yet)."""
-
-    def on_complete(self, last_at: float, n_chunks: int) -> None:
-        """The whole response was relayed."""
-
-    def on_failed(self, kind: str, *, before_head: bool, stale: bool, clean_cut: bool) -> None:
-        """The upstream failed. `stale`: a reused keep-alive connection died before any byte came back
-        (the server had closed it; safe to resend). `clean_cut`: the client body framing is at a chunk
-        boundary, so an error event can still be appended."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -101,7 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.sink: Sink | None = None
+        self.sink: Exchange | None = None
         self.closed = False
         self.reused = False
         self.paused = False
@@ -128,7 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- driving ------------------------------------------------------------------------------
 
-    def send(self, sink: Sink, data: bytes) -> None:
+    def send(self, sink: Exchange, data: bytes) -> None:
         """Write one request (head and body together) and relay its response to `sink`."""
         self.sink = sink
         assert self.transport is not None
@@ -255,7 +241,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.done:
             self._finish(sink, self.keep_alive)
 
-    def _protocol_error(self, sink: Sink) -> None:
+    def _protocol_error(self, sink: Exchange) -> None:
         before = not self.head_done
         self.sink = None
         self.closed = True
@@ -265,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
             "reset" if before else "midstream", before_head=before, stale=False, clean_cut=not self.in_chunk
         )
 
-    def _finish(self, sink: Sink, keep_alive: bool) -> None:
+    def _finish(self, sink: Exchange, keep_alive: bool) -> None:
         self.sink = None
         last_at, n_chunks = self.last_at, self.n_chunks
         if keep_alive and not self.closed:
@@ -333,18 +319,28 @@ def _kept_headers(head: bytes, first: int, end: int, cuts: list[bytes] | None) -
     """
     if cuts is None:
         return head[first + 2 : end + 2]
+    if len(cuts) == 1:  # the usual case (`Connection: keep-alive`): two slices of the head, one join
+        i = head.find(_needle(cuts[0]), first, end)
+        if i < 0:
+            return head[first + 2 : end + 2]
+        j = head.find(b"\r\n", i + 2)  # at most `end`: the blank line's CRLF ends the last header
+        return head[first + 2 : i + 2] + head[j + 2 : end + 2]
     block = head[first:end]
     for name in cuts:
-        needle = _NEEDLES.get(name)
-        if needle is None:
-            needle = b"\r\n%s:" % name
-            if len(_NEEDLES) < 64:
-                _NEEDLES[name] = needle
-        i = block.find(needle)
+        i = block.find(_needle(name))
         if i >= 0:
             j = block.find(b"\r\n", i + 2)
             block = block[:i] + block[j:] if j >= 0 else block[:i]
     return block[2:] + b"\r\n" if block else b""
+
+
+def _needle(name: bytes) -> bytes:
+    needle = _NEEDLES.get(name)
+    if needle is None:
+        needle = b"\r\n%s:" % name
+        if len(_NEEDLES) < 64:
+            _NEEDLES[name] = needle
+    return needle
 
 
 _NEEDLES: dict[bytes, bytes] = {}

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import msgspec
 
+from policies.request import RouteRequest as RouteRequest  # re-exported: part of the contract
+
 
 class EngineSignals(msgspec.Struct):
     """What one scrape of an engine's `/metrics` said. None: the engine does not report it."""
@@ -49,45 +51,6 @@ class ReplicaView(Protocol):
     """Moving estimate of time to first token measured by the gateway; None until measured."""
     itl_ewma_s: float | None
     """Moving estimate of inter-token (inter-chunk) latency measured by the gateway."""
-
-
-class RouteRequest:
-    """The routing-relevant fields of one request, decoded once by the data plane."""
-
-    __slots__ = (
-        "_cache",
-        "max_tokens",
-        "model",
-        "profile_header",
-        "prompt_tokens",
-        "session_id",
-        "strategy_header",
-        "text",
-    )
-
-    def __init__(
-        self,
-        model: str,
-        text: str,
-        *,
-        max_tokens: int | None = None,
-        session_id: str | None = None,
-        strategy_header: str | None = None,
-        profile_header: str | None = None,
-    ) -> None:
-        self.model = model
-        self.text = text
-        """Routing text: chat messages with role markers, or the completions prompt."""
-        self.prompt_tokens = len(text) // 4 + 1
-        """Estimated with ~4 characters a token: no tokenizer on the hot path."""
-        self.max_tokens = max_tokens
-        self.session_id = session_id
-        self.strategy_header = strategy_header
-        """Value of the `routing-strategy` request header, if any."""
-        self.profile_header = profile_header
-        """Value of the `config-profile` request header, if any."""
-        self._cache: dict[str, object] = {}
-        """Per-request memo (e.g. prefix block hashes) shared by scorers."""
 
 
 class RoutingError(Exception):

@@ -19,8 +19,6 @@ import xxhash
 from policies.base import EngineSignals, RouteRequest
 from policies.options import RoutingOptions
 
-_HASHES = "prefix_hashes"
-_KEY = "prefix_key"
 _KEY_BLOCKS = 4
 """The tie-break key names the first 4 blocks (512 B): requests sharing a system prompt share it."""
 _MIN_REPLICA_BLOCKS = 16
@@ -77,16 +75,15 @@ class PrefixIndex:
     # -- per request -----------------------------------------------------------------------------
     def hashes(self, req: RouteRequest) -> tuple[int, ...]:
         """The request's block hashes, computed once and memoised on the request."""
-        cached = req._cache.get(_HASHES)
+        cached = req.prefix_hashes
         if cached is None:
-            cached = req._cache[_HASHES] = block_hashes(req.text, self.block, self.max_prompt_blocks)
-        return cached  # type: ignore[return-value]
+            cached = req.prefix_hashes = block_hashes(req.text, self.block, self.max_prompt_blocks)
+        return cached
 
     def prefix_key(self, req: RouteRequest) -> int | None:
         """A 64-bit key of the prompt's head for rendezvous tie-breaks; None for an empty text."""
-        cache = req._cache
-        if _KEY in cache:
-            return cache[_KEY]  # type: ignore[return-value]
+        if req.prefix_key_known:
+            return req.prefix_key
         hashes = self.hashes(req)
         if hashes:
             key: int | None = hashes[min(len(hashes), _KEY_BLOCKS) - 1]
@@ -94,7 +91,8 @@ class PrefixIndex:
             key = xxhash.xxh64_intdigest(req.text.encode("utf-8", "surrogatepass"))
         else:
             key = None
-        cache[_KEY] = key
+        req.prefix_key = key
+        req.prefix_key_known = True
         return key
 
     def match(self, hashes: tuple[int, ...], now: float) -> dict[str, int]:

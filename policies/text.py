@@ -26,14 +26,21 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+_MARKS = {role: f"<|{role}|>" for role in ("system", "developer", "user", "assistant", "tool", "function")}
+
+
 def chat_text(messages: Iterable[Any]) -> str:
     """`<|role|>content` for each message, in order; malformed entries contribute nothing."""
     out: list[str] = []
     for message in messages:
         if isinstance(message, dict):
             role = message.get("role")
-            out.append(f"<|{role if isinstance(role, str) else ''}|>")
-            out.append(_content_text(message.get("content")))
+            if not isinstance(role, str):
+                role = ""
+            mark = _MARKS.get(role)
+            out.append(mark if mark is not None else f"<|{role}|>")
+            content = message.get("content")
+            out.append(content if isinstance(content, str) else _content_text(content))
     return "".join(out)
 
 
