@@ -321,21 +321,16 @@ def make_peers(names: list[str], args: argparse.Namespace, cores: Cores, run_dir
         cmd = pin(cores.proxy, ["nginx", "-p", str(run_dir), "-c", str(conf)])
         return Process("nginx", cmd, log_dir / "nginx-proxy.log"), port
 
-    def naive(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
-        port = free_port()
-        script = str(HERE / "naive_aiohttp_proxy.py")
-        cmd = pin(
-            cores.proxy, [sys.executable, script, "--listen", f"127.0.0.1:{port}", "--upstream", upstream]
-        )
-        return Process("naive-aiohttp", cmd, log_dir / "naive-aiohttp.log"), port
+    def python_proxy(name: str, script: str) -> Callable[[str, Path], tuple[Process | None, int]]:
+        """A peer that is one script of loadtests/ taking --listen and --upstream."""
 
-    def prototype(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
-        port = free_port()
-        script = str(HERE / "prototype_proxy.py")
-        cmd = pin(
-            cores.proxy, [sys.executable, script, "--listen", f"127.0.0.1:{port}", "--upstream", upstream]
-        )
-        return Process("prototype", cmd, log_dir / "prototype.log"), port
+        def start(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
+            port = free_port()
+            listen = f"127.0.0.1:{port}"
+            cmd = [sys.executable, str(HERE / script), "--listen", listen, "--upstream", upstream]
+            return Process(name, pin(cores.proxy, cmd), log_dir / f"{name}.log"), port
+
+        return start
 
     def gateway(upstream: str, log_dir: Path) -> tuple[Process | None, int]:
         port, admin = free_port(), free_port()
@@ -392,11 +387,13 @@ def make_peers(names: list[str], args: argparse.Namespace, cores: Cores, run_dir
         elif name == "naive-aiohttp":
             import aiohttp
 
+            naive = python_proxy("naive-aiohttp", "naive_aiohttp_proxy.py")
             peers.append(Peer("naive-aiohttp", aiohttp.__version__, "aiohttp+uvloop, no routing", naive))
         elif name == "prototype":
             import uvloop
 
             note = "asyncio.Protocol+uvloop+httptools, no routing: the Python ceiling"
+            prototype = python_proxy("prototype", "prototype_proxy.py")
             peers.append(Peer("prototype", uvloop.__version__, note, prototype))
         elif name == "gateway":
             peers.append(gateway_peer(args, gateway))

@@ -12,11 +12,6 @@ import importlib.machinery
 from pathlib import Path
 
 
-def is_compiled(module_file: str | None) -> bool:
-    """True when a module was loaded from a compiled extension rather than its `.py` source."""
-    return bool(module_file) and not str(module_file).endswith(".py")
-
-
 def check_fresh(package_dir: Path) -> None:
     """Raise ImportError if a compiled module of the package is older than its source."""
     if not (package_dir.parent / "setup.py").exists():
