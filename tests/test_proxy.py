@@ -428,3 +428,53 @@ def test_trailing_whitespace_is_not_part_of_header_values(
     assert resp.status == 200
     assert resp.headers["x-request-id"] == "spaced"
     assert resp.headers["routing-strategy"] == "least-request"
+
+
+def test_least_latency_learns_inter_token_time_over_kept_alive_connections(tmp_path: Path) -> None:
+    """`fast` answers its first token later but streams 20x faster: only a measured inter-token time
+    (taken on reused upstream connections too) makes least-latency prefer it for a 32-token answer."""
+    with contextlib.ExitStack() as stack:
+        fast = sim(
+            stack,
+            tmp_path,
+            "fast",
+            "--prefill-overhead-ms",
+            "60",
+            "--decode-ms-per-token",
+            "1",
+            instant=False,
+        )
+        slow = sim(
+            stack,
+            tmp_path,
+            "slow",
+            "--prefill-overhead-ms",
+            "0",
+            "--decode-ms-per-token",
+            "20",
+            instant=False,
+        )
+        config, port, _ = gateway_config(tmp_path, [("fast", fast, 8), ("slow", slow, 8)])
+        gateway(stack, tmp_path, config, port)
+        doc = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 32,
+            "stream": True,
+        }
+        seen: set[str] = set()
+        for n in range(30):  # measure both: random placement, at least 10 requests
+            status, headers, _ = post(port, "/v1/chat/completions", doc, "routing-strategy: random\r\n")
+            assert status == 200
+            seen.add(headers["x-gateway-replica"])
+            if len(seen) == 2 and n >= 9:
+                break
+        assert seen == {"fast", "slow"}
+        picked = []
+        for _ in range(6):
+            status, headers, _ = post(
+                port, "/v1/chat/completions", doc, "routing-strategy: least-latency\r\n"
+            )
+            assert status == 200
+            picked.append(headers["x-gateway-replica"])
+        assert picked == ["fast"] * 6
