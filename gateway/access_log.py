@@ -24,7 +24,7 @@ logger = logging.getLogger("gateway.access")
 BATCH = 256
 """Lines buffered before a flush is forced regardless of the timer."""
 
-_Entry = tuple[float, str, str, str, int, "float | None", float, int, "str | None"]
+_Entry = tuple[float, bytes, str, str, int, "float | None", float, int, "str | None"]
 
 
 class AccessLog:
@@ -38,7 +38,7 @@ class AccessLog:
 
     def record(
         self,
-        request_id: str,
+        request_id: bytes,
         model: str,
         replica_id: str,
         status: int,
@@ -82,7 +82,8 @@ class AccessLog:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f",{int(ts % 1 * 1000):03d}"
 
     def _text(self, e: _Entry) -> str:
-        ts, request_id, model, replica, status, ttfb, duration, size, strategy = e
+        ts, rid, model, replica, status, ttfb, duration, size, strategy = e
+        request_id = rid.decode("latin-1")
         ttfb_text = f"{ttfb:.4f}" if ttfb is not None else "-"
         return (
             f"{self._asctime(ts)} INFO gateway.access: {request_id} model={model} "
@@ -91,13 +92,13 @@ class AccessLog:
         )
 
     def _json(self, e: _Entry) -> str:
-        ts, request_id, model, replica, status, ttfb, duration, size, strategy = e
+        ts, rid, model, replica, status, ttfb, duration, size, strategy = e
         doc = {
             "ts": self._timestamp(ts),
             "level": "info",
             "logger": "gateway.access",
             "msg": "request",
-            "request_id": request_id,
+            "request_id": rid.decode("latin-1"),
             "model": model,
             "replica": replica,
             "status": status,

@@ -109,6 +109,19 @@ _SPECIAL_HEADERS: dict[bytes, int] = {
     b"config-profile": _H_PROFILE,
     b"x-session-id": _H_SESSION,
 }
+_HEADER_KINDS: dict[bytes, int] = {
+    **_SPECIAL_HEADERS,
+    **{name.title(): kind for name, kind in _SPECIAL_HEADERS.items()},
+    b"Content-Type": 0,
+    b"content-type": 0,
+    b"Authorization": 0,
+    b"authorization": 0,
+    b"Accept": 0,
+    b"User-Agent": 0,
+}
+"""Header name as received -> kind (0: forwarded as is). Most names arrive in one of a few spellings, so
+the lookup usually needs no lowercasing; names seen are added, up to `_HEADER_KINDS_MAX`."""
+_HEADER_KINDS_MAX = 512
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PIPELINED = 16
 """Complete requests queued behind the one in progress before the connection stops reading."""
@@ -336,8 +349,12 @@ class ClientConnection(asyncio.Protocol):
             self._header_limit()
         if self.pstate == _BODY:
             return  # chunked trailer: counted, not forwarded
-        kind = _SPECIAL_HEADERS.get(name.lower())
+        kind = _HEADER_KINDS.get(name)
         if kind is None:
+            kind = _SPECIAL_HEADERS.get(name.lower(), 0)
+            if len(_HEADER_KINDS) < _HEADER_KINDS_MAX:
+                _HEADER_KINDS[name] = kind
+        if not kind:
             self.req.forward.append(b"%s: %s\r\n" % (name, value))
             return
         req = self.req
@@ -394,18 +411,22 @@ class ClientConnection(asyncio.Protocol):
         self.head_raw = 0
         if not self.busy:
             self.deadline = _monotonic() + server.timeouts.client_body_s
-        version = parser.get_http_version()
-        if version != "1.1":
-            if version == "1.0":
-                req.http11 = False
-            elif version.startswith(("2.", "3.")):
-                self._fatal(505, f"HTTP/{version} is not supported; use HTTP/1.1")
-                raise _Reject
-            else:
-                self._fatal(400, "malformed request line")
-                raise _Reject
+        keep_alive = parser.should_keep_alive()
+        if not keep_alive or self.conn_tokens is not None:
+            # Without a Connection header only HTTP/1.1 is keep-alive (llhttp accepts no other 1.x), so
+            # the version string, which httptools formats on each call, is read only when it can differ.
+            version = parser.get_http_version()
+            if version != "1.1":
+                if version == "1.0":
+                    req.http11 = False
+                elif version.startswith(("2.", "3.")):
+                    self._fatal(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+                    raise _Reject
+                else:
+                    self._fatal(400, "malformed request line")
+                    raise _Reject
         req.method = parser.get_method()
-        req.keep_alive = parser.should_keep_alive()
+        req.keep_alive = keep_alive
         url = req.url
         if not url.startswith(b"/"):
             self._fatal(400, "request target must be an absolute path")

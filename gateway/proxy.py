@@ -272,7 +272,7 @@ class Gateway:
             duration_s=0.0,
             ttfb_s=None,
             bytes_out=len(body),
-            request_id=rid.decode("latin-1"),
+            request_id=rid,
             strategy=None,
         )
 
@@ -652,6 +652,6 @@ class Exchange:
             duration_s=(now or _monotonic()) - self.t0,
             ttfb_s=self.head_at - self.t0 if self.head_at else None,
             bytes_out=self.bytes_out,
-            request_id=self.request_id.decode("latin-1"),
+            request_id=self.request_id,
             strategy=self.strategy,
         )

@@ -271,7 +271,7 @@ class Telemetry:
         duration_s: float,
         ttfb_s: float | None,
         bytes_out: int,
-        request_id: str,
+        request_id: bytes,
         strategy: str | None,
     ) -> None:
         hot = self._hot

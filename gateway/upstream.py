@@ -50,6 +50,13 @@ _RESPONSE_HEADERS: dict[bytes, int] = {
     b"content-length": _CL,
     b"content-type": _CT,
 }
+_HEADER_KINDS: dict[bytes, int] = {
+    **_RESPONSE_HEADERS,
+    **{name.title(): kind for name, kind in _RESPONSE_HEADERS.items()},
+}
+"""Header name as received -> kind (0: relayed as is): most names arrive in one of two spellings, so the
+lookup usually needs no lowercasing. Names seen are added, up to `_HEADER_KINDS_MAX`."""
+_HEADER_KINDS_MAX = 512
 _MAX_HEAD = 64 * 1024
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 
@@ -61,6 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
         "body_parts",
         "chunked",
         "closed",
+        "cut_from",
         "cuts",
         "dechunk",
         "done",
@@ -68,11 +76,13 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "head_buf",
         "head_done",
+        "head_min",
         "in_chunk",
         "keep_alive",
         "last_at",
         "n_chunks",
         "parser",
+        "parser_keep",
         "paused",
         "pool",
         "raw",
@@ -86,7 +96,11 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser_keep = httptools.HttpResponseParser(self)
+        """The connection's parser. It has no `on_body` callback (the protocol has no such method), so a
+        relayed body is never copied into a bytes object for it; `send` swaps in a de-chunking parser
+        for the rare HTTP/1.0 client."""
+        self.parser = self.parser_keep
         self.sink: Exchange | None = None
         self.closed = False
         self.reused = False
@@ -99,8 +113,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.head_buf = b""
+        self.head_min = 0
+        """A lower bound of the header lines' size (name, colon, value, CRLF of each), so the end of the
+        head is searched for from there rather than from its start."""
         self.cuts: list[bytes] | None = None
         """Names (as received) of the header lines not relayed; the rest of the head goes out verbatim."""
+        self.cut_from = 0
+        """`head_min` before the first cut line: a lower bound of where that line starts."""
         self.body_parts: list[bytes] = []
         self.chunked = False
         self.framed = False
@@ -111,12 +130,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_chunk = False
         self.n_chunks = 0
         self.last_at = 0.0
+        self.parser = self.parser_keep
 
     # -- driving ------------------------------------------------------------------------------
 
     def send(self, sink: Exchange, data: bytes) -> None:
         """Write one request (head and body together) and relay its response to `sink`."""
         self.sink = sink
+        if not sink.client_http11:
+            self.parser = httptools.HttpResponseParser(_Dechunker(self))
         assert self.transport is not None
         self.transport.write(data)
 
@@ -214,10 +236,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is None:
             return
         first = buf.find(b"\r\n")
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", first + self.head_min)
+        if end < 0:
+            end = buf.find(b"\r\n\r\n")  # never: head_min is a lower bound
         head = b"%s%s%sx-request-id: %s\r\n%s%s%s\r\n" % (
             status_line(status),
-            _kept_headers(buf, first, end, self.cuts),
+            _kept_headers(buf, first, end, self.cuts, first + self.cut_from),
             _CHUNKED if self.chunked and raw else b"",
             sink.request_id,
             self.pool.replica_header,
@@ -271,8 +295,14 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # trailers travel raw inside the chunked body
-        kind = _RESPONSE_HEADERS.get(name.lower())
+        head_min = self.head_min
+        self.head_min = head_min + len(name) + len(value) + 3
+        kind = _HEADER_KINDS.get(name)
         if kind is None:
+            kind = _RESPONSE_HEADERS.get(name.lower(), 0)
+            if len(_HEADER_KINDS) < _HEADER_KINDS_MAX:
+                _HEADER_KINDS[name] = kind
+        if not kind:
             return
         if kind == _CL:
             self.framed = True
@@ -284,6 +314,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.chunked = b"chunked" in value.lower()
             if self.cuts is None:
                 self.cuts = [name]
+                self.cut_from = head_min
             else:
                 self.cuts.append(name)
 
@@ -296,31 +327,59 @@ class UpstreamConnection(asyncio.Protocol):
     def on_chunk_complete(self) -> None:
         self.in_chunk = False
 
-    def on_body(self, body: bytes) -> None:
-        if self.dechunk:
-            sink = self.sink
-            if sink is not None:
-                sink.bytes_out += len(body)
-                sink.client.write(body)
-        elif self.chunked and not self.relaying:
-            self.body_parts.append(body)  # arrived with the head: written after it, if de-chunking
-
     def on_message_complete(self) -> None:
         self.done = True
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful inside the callback
 
 
-def _kept_headers(head: bytes, first: int, end: int, cuts: list[bytes] | None) -> bytes:
+class _Dechunker:
+    """The parser protocol of a response relayed to an HTTP/1.0 client: the connection's callbacks plus
+    `on_body`, which writes a chunked body's data without its framing (or keeps what came with the head
+    until the head is out)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.conn.head_done = True
+
+    def on_chunk_header(self) -> None:
+        self.conn.in_chunk = True
+
+    def on_chunk_complete(self) -> None:
+        self.conn.in_chunk = False
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if conn.dechunk:
+            sink = conn.sink
+            if sink is not None:
+                sink.bytes_out += len(body)
+                sink.client.write(body)
+        elif conn.chunked and not conn.relaying:
+            conn.body_parts.append(body)  # arrived with the head: written after it
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
+
+
+def _kept_headers(head: bytes, first: int, end: int, cuts: list[bytes] | None, cut_from: int) -> bytes:
     """The response's header lines (each with its CRLF, as received) minus those named in `cuts`.
 
-    `first` is where the CRLF ending the status line starts, `end` where the blank line's CRLFCRLF does.
+    `first` is where the CRLF ending the status line starts, `end` where the blank line's CRLFCRLF does,
+    `cut_from` a lower bound of where the CRLF before the first cut line starts.
     llhttp has already refused obs-fold, bare LF and whitespace before a colon, so every header line is
     exactly CRLF, name, colon: a cut name's first remaining occurrence is the line to drop.
     """
     if cuts is None:
         return head[first + 2 : end + 2]
     if len(cuts) == 1:  # the usual case (`Connection: keep-alive`): two slices of the head, one join
-        i = head.find(_needle(cuts[0]), first, end)
+        i = head.find(_needle(cuts[0]), cut_from, end)
         if i < 0:
             return head[first + 2 : end + 2]
         j = head.find(b"\r\n", i + 2)  # at most `end`: the blank line's CRLF ends the last header

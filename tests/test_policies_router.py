@@ -97,6 +97,23 @@ def test_entries_expire_after_the_ttl() -> None:
     assert index.entries() == len(index.hashes(req(chat(2, 0))))
 
 
+def test_recency_has_a_one_second_resolution() -> None:
+    """A hot prompt re-dispatched within a second is not touched again; after that it is refreshed."""
+    index = PrefixIndex(RoutingOptions(index_ttl_s=10.0))
+    hot = index.hashes(req(chat(1, 0)))
+    index.insert("a", hot, NOW)
+    index.insert("a", hot, NOW + 0.5)
+    assert index.match(hot, NOW + 10.2) == {}  # recency stayed at NOW: expired 10 s after it
+    index.insert("a", hot, NOW + 20)
+    index.insert("a", hot, NOW + 21.5)
+    assert index.match(hot, NOW + 31) == {"a": len(hot)}  # refreshed at NOW + 21.5
+    # A longer prompt sharing the hot head is inserted in full even while the head is fresh.
+    longer = index.hashes(req(chat(1, 0, turns=2)))
+    assert longer[: len(hot)] == hot
+    index.insert("a", longer, NOW + 21.7)
+    assert index.match(longer, NOW + 22) == {"a": len(longer)}
+
+
 def test_capacity_follows_the_engine_kv_size_and_evicts_tails_first() -> None:
     index = PrefixIndex(RoutingOptions())
     small = EngineSignals(scraped_at=NOW, num_gpu_blocks=64, block_size=16)  # 1024 tokens ~ 4096 bytes

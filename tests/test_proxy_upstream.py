@@ -182,6 +182,39 @@ def test_body_bytes_and_headers_forwarded_exactly(tmp_path: Path, stack: context
     assert b"x-gateway-replica: e" in client_head
 
 
+def test_response_head_is_relayed_verbatim_minus_one_hop_header(
+    tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    """Odd spacing and spelling in the engine's head: every kept line goes out byte for byte, in order."""
+    kept = b"X-A:    spaced   \r\nx-b:v\r\nSet-Cookie: a=1; Path=/\r\n"
+
+    def script(sock: socket.socket, request: bytes, n: int) -> bool:
+        if health_ok(sock, request):
+            return True
+        sock.sendall(answer(b'{"ok": true}', b"X-First: 1\r\ncOnNeCtIoN:\t  keep-alive  \r\n" + kept))
+        return True
+
+    fake = stack.enter_context(engine(script))
+    config, port, _ = config_for(tmp_path, [("e", fake.url)])
+    gateway(stack, tmp_path, config, port)
+    body = json.dumps(CHAT).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(2):  # the second answer comes over the kept-alive upstream connection
+            sock.sendall(request)
+            got = b""
+            while not got.endswith(b'{"ok": true}'):
+                chunk = sock.recv(65536)
+                assert chunk
+                got += chunk
+    head = got.partition(b"\r\n\r\n")[0] + b"\r\n"
+    assert b"\r\nContent-Type: application/json\r\nContent-Length: 12\r\nX-First: 1\r\n" + kept in head
+    assert b"onnection" not in head.lower().replace(b"x-gateway", b"")
+
+
 def test_stale_keep_alive_connection_is_resent_transparently(
     tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:

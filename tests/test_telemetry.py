@@ -37,7 +37,7 @@ def finished(telemetry: Telemetry, status: int = 200, replica: str = "r1", reque
         duration_s=0.3,
         ttfb_s=0.02 if status < 400 else None,
         bytes_out=1234,
-        request_id=request_id,
+        request_id=request_id.encode(),
         strategy="least-request",
     )
 
