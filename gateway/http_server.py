@@ -304,7 +304,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
-        if self.pstate != _BODY:
+        pstate = self.pstate
+        if pstate != _BODY:
             self.head_raw += len(data)
         try:
             self.parser.feed_data(data)
@@ -324,19 +325,27 @@ class ClientConnection(asyncio.Protocol):
         else:
             if self.pstate == _HEAD and self.head_raw > self.server.max_head_raw:
                 self._fatal(431, "request head too large")
-        if self.queue and not self.busy:
+        if self.busy:
+            return
+        if self.queue:
             self._next()
+        elif self.pstate != pstate:
+            # A head began, or a head ended, in this read and its message is not complete: the head's or
+            # the body's timeout starts now. (A request read whole, the usual case, reads no clock here.)
+            timeouts = self.server.timeouts
+            wait = timeouts.client_header_s if self.pstate == _HEAD else timeouts.client_body_s
+            self.deadline = _monotonic() + wait
 
     # -- parser callbacks -------------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.pstate = _HEAD
-        if not self.busy:
-            self.deadline = _monotonic() + self.server.timeouts.client_header_s
-
     def on_url(self, url: bytes) -> None:
+        """The first callback of each message (there is no `on_message_begin`: one call fewer per request)."""
         req = self.req
-        req.url = req.url + url if req.url else url
+        if self.pstate == _BETWEEN:
+            self.pstate = _HEAD
+            req.url = url
+        else:
+            req.url = req.url + url
         if len(req.url) > self.server.limits.max_header_bytes:
             self._fatal(414, "request URL too long")
             raise _Reject
@@ -409,8 +418,6 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         self.pstate = _BODY
         self.head_raw = 0
-        if not self.busy:
-            self.deadline = _monotonic() + server.timeouts.client_body_s
         keep_alive = parser.should_keep_alive()
         if not keep_alive or self.conn_tokens is not None:
             # Without a Connection header only HTTP/1.1 is keep-alive (llhttp accepts no other 1.x), so

@@ -364,7 +364,7 @@ class Exchange:
             upstream: UpstreamPool = slot.replica.upstream  # type: ignore[assignment]
             up = upstream.take_idle()
             if up is not None:
-                self._send(up)
+                self._send(up, self.t0)  # still the same callback: no need to read the clock again
                 return
         self.task = self.gw.loop.create_task(self._acquire(0.0))
 
@@ -394,7 +394,7 @@ class Exchange:
                         await asyncio.sleep(wait)
                         continue
                 self.task = None
-                self._send(up)
+                self._send(up, _monotonic())
                 return
         except QueueFull:
             self._fail(
@@ -426,7 +426,7 @@ class Exchange:
             log.exception("request %s failed", self.request_id.decode("latin-1"))
             self._fail(500, "internal gateway error", "server_error", None)
 
-    def _send(self, up: UpstreamConnection) -> None:
+    def _send(self, up: UpstreamConnection, now: float) -> None:
         replica = self.replica
         assert replica is not None
         upstream: UpstreamPool = replica.upstream  # type: ignore[assignment]
@@ -435,7 +435,7 @@ class Exchange:
             up.pause()
         req = self.req
         body = req.body
-        now = self.sent_at = _monotonic()
+        self.sent_at = now
         up.send(
             self,
             b"%s %s HTTP/1.1\r\n%s%scontent-length: %d\r\nx-request-id: %s\r\n\r\n%s"
