@@ -12,7 +12,7 @@ import logging
 import random
 import sys
 import time
-from typing import TextIO
+from typing import Final, TextIO
 
 import orjson
 
@@ -21,7 +21,7 @@ from gateway.logs import current_format
 
 logger = logging.getLogger("gateway.access")
 
-BATCH = 256
+BATCH: Final = 256
 """Lines buffered before a flush is forced regardless of the timer."""
 
 _Entry = tuple[float, bytes, str, str, int, "float | None", float, int, "str | None"]

@@ -19,17 +19,21 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Any, Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 import orjson
 
 from gateway.config import LimitsConfig, TimeoutConfig
 
-log = logging.getLogger(__name__)
-_monotonic = time.monotonic
+if TYPE_CHECKING:
+    from gateway.proxy import Gateway
 
-STATUS_REASONS = {
+log = logging.getLogger(__name__)
+_monotonic: Final = time.monotonic
+
+STATUS_REASONS: Final = {
     100: "Continue",
     200: "OK",
     201: "Created",
@@ -62,7 +66,7 @@ STATUS_REASONS = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
-_STATUS_LINES: dict[int, bytes] = {
+_STATUS_LINES: Final[dict[int, bytes]] = {
     code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in STATUS_REASONS.items()
 }
 
@@ -81,17 +85,17 @@ def error_body(message: str, error_type: str, code: str | None = None, param: st
 
 
 # Request headers the gateway consumes (hop-by-hop, framing) instead of forwarding upstream.
-_H_HOST = 1
-_H_CONTENT_LENGTH = 2
-_H_TRANSFER_ENCODING = 3
-_H_CONNECTION = 4
-_H_EXPECT = 5
-_H_DROP = 6
-_H_REQUEST_ID = 7
-_H_STRATEGY = 8
-_H_PROFILE = 9
-_H_SESSION = 10
-_SPECIAL_HEADERS: dict[bytes, int] = {
+_H_HOST: Final = 1
+_H_CONTENT_LENGTH: Final = 2
+_H_TRANSFER_ENCODING: Final = 3
+_H_CONNECTION: Final = 4
+_H_EXPECT: Final = 5
+_H_DROP: Final = 6
+_H_REQUEST_ID: Final = 7
+_H_STRATEGY: Final = 8
+_H_PROFILE: Final = 9
+_H_SESSION: Final = 10
+_SPECIAL_HEADERS: Final[dict[bytes, int]] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TRANSFER_ENCODING,
@@ -109,7 +113,7 @@ _SPECIAL_HEADERS: dict[bytes, int] = {
     b"config-profile": _H_PROFILE,
     b"x-session-id": _H_SESSION,
 }
-_HEADER_KINDS: dict[bytes, int] = {
+_HEADER_KINDS: Final[dict[bytes, int]] = {
     **_SPECIAL_HEADERS,
     **{name.title(): kind for name, kind in _SPECIAL_HEADERS.items()},
     b"Content-Type": 0,
@@ -121,11 +125,11 @@ _HEADER_KINDS: dict[bytes, int] = {
 }
 """Header name as received -> kind (0: forwarded as is). Most names arrive in one of a few spellings, so
 the lookup usually needs no lowercasing; names seen are added, up to `_HEADER_KINDS_MAX`."""
-_HEADER_KINDS_MAX = 512
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_MAX_PIPELINED = 16
+_HEADER_KINDS_MAX: Final = 512
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MAX_PIPELINED: Final = 16
 """Complete requests queued behind the one in progress before the connection stops reading."""
-_MAX_REQUEST_ID = 200
+_MAX_REQUEST_ID: Final = 200
 
 
 class Route:
@@ -186,21 +190,14 @@ class Active(Protocol):
     def resume(self) -> None: ...
 
 
-class Handler(Protocol):
-    routes: dict[bytes, Route]
-
-    def handle(self, conn: ClientConnection, req: Request) -> None:
-        """Answer `req` now or later; either way end with `conn.finish()`."""
-
-
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the reason is on the connection."""
 
 
 # Parser states.
-_BETWEEN = 0
-_HEAD = 1
-_BODY = 2
+_BETWEEN: Final = 0
+_HEAD: Final = 1
+_BODY: Final = 2
 
 
 class ClientConnection(asyncio.Protocol):
@@ -219,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "eof",
         "expect",
+        "feed",
         "head_bytes",
         "head_raw",
         "hosts",
@@ -238,6 +236,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
+        """Bound once: calling it skips a method lookup per read."""
         self.queue: deque[Request] = deque()
         self.busy = False
         self.active: Active | None = None
@@ -308,7 +308,7 @@ class ClientConnection(asyncio.Protocol):
         if pstate != _BODY:
             self.head_raw += len(data)
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade:
             # Upgrade/CONNECT: the request was queued; nothing after it is HTTP/1.1 we can frame.
             self._stop_parsing()
@@ -628,8 +628,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
 
-_NEVER = float("inf")
-_CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+_NEVER: Final = float("inf")
+_CONNECTION_KEYWORDS: Final = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 
 
 def _connection_header(http11: bool, close: bool) -> bytes:
@@ -650,7 +650,9 @@ def _parser_reason(exc: Exception) -> str:
 class HttpServer:
     """The listening socket(s), the set of open connections, and the timeout sweep."""
 
-    def __init__(self, handler: Handler, limits: LimitsConfig, timeouts: TimeoutConfig) -> None:
+    def __init__(self, handler: Gateway, limits: LimitsConfig, timeouts: TimeoutConfig) -> None:
+        """`handler.handle(conn, req)` answers each request now or later, ending with `conn.finish()`. It
+        is typed as the gateway's class, not a protocol, so the compiled call is direct."""
         self.handler = handler
         self.routes = handler.routes
         self.limits = limits

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from itertools import count
+from typing import Final
 
 import msgspec
 import orjson
@@ -32,17 +33,17 @@ from policies.text import chat_text, completion_text
 
 log = logging.getLogger(__name__)
 
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 
-DEFAULT_OUTPUT_TOKENS = 256
+DEFAULT_OUTPUT_TOKENS: Final = 256
 """Expected output length of a request that names no `max_tokens` (for `outstanding_tokens`)."""
 
-CHAT = "chat"
-COMPLETIONS = "completions"
-EMBEDDINGS = "embeddings"
-_PROXY_KINDS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS))
+CHAT: Final = "chat"
+COMPLETIONS: Final = "completions"
+EMBEDDINGS: Final = "embeddings"
+_PROXY_KINDS: Final = frozenset((CHAT, COMPLETIONS, EMBEDDINGS))
 
-ROUTES: dict[bytes, Route] = {
+ROUTES: Final[dict[bytes, Route]] = {
     b"/v1/chat/completions": Route(CHAT, (b"POST",)),
     b"/v1/completions": Route(COMPLETIONS, (b"POST",)),
     b"/v1/embeddings": Route(EMBEDDINGS, (b"POST",)),
@@ -52,24 +53,24 @@ ROUTES: dict[bytes, Route] = {
 }
 
 
-_decoder = msgspec.json.Decoder(RoutingFields)
+_decoder: Final = msgspec.json.Decoder(RoutingFields)
 
-_HEALTH_BODY = b'{"status":"ok"}'
-_READY_BODY = b'{"status":"ready"}'
-_NOT_READY_BODY = error_body("no healthy replica in any pool", "service_unavailable", "not_ready")
-_BAD_JSON = error_body(
+_HEALTH_BODY: Final = b'{"status":"ok"}'
+_READY_BODY: Final = b'{"status":"ready"}'
+_NOT_READY_BODY: Final = error_body("no healthy replica in any pool", "service_unavailable", "not_ready")
+_BAD_JSON: Final = error_body(
     "We could not parse the JSON body of your request: it must be a JSON object.",
     "invalid_request_error",
     "invalid_json",
 )
-_NO_MODEL = error_body("you must provide a model parameter", "invalid_request_error", "missing_model")
-_SSE_ERROR = (
+_NO_MODEL: Final = error_body("you must provide a model parameter", "invalid_request_error", "missing_model")
+_SSE_ERROR: Final = (
     b'data: {"error": {"message": "the upstream replica failed during the stream", '
     b'"type": "upstream_error", "param": null, "code": "%s"}}\n\n'
 )
 
 
-_LINE_CACHE_MAX = 1024
+_LINE_CACHE_MAX: Final = 1024
 """Distinct strategies a client can name by header are many: the cache of their header lines is bounded."""
 
 

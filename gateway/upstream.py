@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -30,15 +31,15 @@ from gateway.http_server import status_line
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
 
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 
 # Response headers never relayed as they are: hop-by-hop ones, framing the gateway re-decides, and the
 # request id the gateway owns.
-_DROP = 1
-_TE = 2
-_CL = 3
-_CT = 4
-_RESPONSE_HEADERS: dict[bytes, int] = {
+_DROP: Final = 1
+_TE: Final = 2
+_CL: Final = 3
+_CT: Final = 4
+_RESPONSE_HEADERS: Final[dict[bytes, int]] = {
     b"connection": _DROP,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -50,15 +51,15 @@ _RESPONSE_HEADERS: dict[bytes, int] = {
     b"content-length": _CL,
     b"content-type": _CT,
 }
-_HEADER_KINDS: dict[bytes, int] = {
+_HEADER_KINDS: Final[dict[bytes, int]] = {
     **_RESPONSE_HEADERS,
     **{name.title(): kind for name, kind in _RESPONSE_HEADERS.items()},
 }
 """Header name as received -> kind (0: relayed as is): most names arrive in one of two spellings, so the
 lookup usually needs no lowercasing. Names seen are added, up to `_HEADER_KINDS_MAX`."""
-_HEADER_KINDS_MAX = 512
-_MAX_HEAD = 64 * 1024
-_CHUNKED = b"transfer-encoding: chunked\r\n"
+_HEADER_KINDS_MAX: Final = 512
+_MAX_HEAD: Final = 64 * 1024
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -72,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         "cuts",
         "dechunk",
         "done",
+        "feed",
         "framed",
         "got_bytes",
         "head_buf",
@@ -101,6 +103,8 @@ class UpstreamConnection(asyncio.Protocol):
         relayed body is never copied into a bytes object for it; `send` swaps in a de-chunking parser
         for the rare HTTP/1.0 client."""
         self.parser = self.parser_keep
+        self.feed: Callable[[bytes], None] = self.parser_keep.feed_data
+        """The current parser's `feed_data`, bound once: calling it skips a method lookup per read."""
         self.sink: Exchange | None = None
         self.closed = False
         self.reused = False
@@ -130,7 +134,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_chunk = False
         self.n_chunks = 0
         self.last_at = 0.0
-        self.parser = self.parser_keep
+        if self.parser is not self.parser_keep:
+            self.parser = self.parser_keep
+            self.feed = self.parser_keep.feed_data
 
     # -- driving ------------------------------------------------------------------------------
 
@@ -139,6 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         if not sink.client_http11:
             self.parser = httptools.HttpResponseParser(_Dechunker(self))
+            self.feed = self.parser.feed_data
         assert self.transport is not None
         self.transport.write(data)
 
@@ -200,7 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.bytes_out += len(data)
                 sink.client.write(data)
             try:
-                self.parser.feed_data(data)
+                self.feed(data)
             except httptools.HttpParserError:
                 self._protocol_error(sink)
                 return
@@ -210,7 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         buf = self.head_buf = self.head_buf + data if self.head_buf else data
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserError:
             self._protocol_error(sink)
             return
@@ -402,7 +409,7 @@ def _needle(name: bytes) -> bytes:
     return needle
 
 
-_NEEDLES: dict[bytes, bytes] = {}
+_NEEDLES: Final[dict[bytes, bytes]] = {}
 """`CRLF name:` per header name seen in a cut (a handful in practice; bounded all the same)."""
 
 

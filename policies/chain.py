@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import cast
+from typing import Final, cast
 
 from policies import rendezvous
 from policies.base import ReplicaView, RouteRequest
@@ -33,7 +33,7 @@ from policies.scorer import ScoreContext, Scorer, SoloStrategy, SparseScorer
 from policies.session_affinity import SessionAffinityScorer
 from policies.throughput import ThroughputScorer
 
-MAX_WEIGHT = 1_000_000
+MAX_WEIGHT: Final = 1_000_000
 _least_kv = LeastKvCacheScorer()
 _LEAST_REQUEST = LeastRequestScorer()
 SCORERS: dict[str, Scorer | SparseScorer] = {
@@ -206,7 +206,7 @@ def _combine(lists: list[list[float]], weights: tuple[float, ...]) -> list[float
     return combined
 
 
-_FULL_ORDER_TIES = 64
+_FULL_ORDER_TIES: Final = 64
 """Up to this many tied replicas get a full rendezvous order; beyond, only the winner moves first."""
 
 
@@ -244,8 +244,8 @@ def _neutral(scores: list[float], abstained: int, n: int) -> list[float]:
     return [x if x == x else neutral for x in scores]
 
 
-_CACHE: dict[str, Chain | StrategyError] = {}
-_CACHE_MAX = 1024
+_CACHE: Final[dict[str, Chain | StrategyError]] = {}
+_CACHE_MAX: Final = 1024
 """Strategy strings come from a client header: the memo is bounded (cleared when full)."""
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
+from typing import Final
 
 from policies.base import ReplicaView, RouteRequest
 from policies.least_request import LeastRequestScorer
 from policies.scorer import ScoreContext
 
 _in_flight = attrgetter("in_flight")
-PLACEMENT_WEIGHT = 0.05
+PLACEMENT_WEIGHT: Final = 0.05
 """Score span of the room-in-cache term for new prefixes: below any match worth having."""
 
 

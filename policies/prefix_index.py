@@ -15,32 +15,39 @@ not touched again, so a hot prompt costs one dict probe per dispatch instead of 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Final
 
 import xxhash
 
 from policies.base import EngineSignals, RouteRequest
 from policies.options import RoutingOptions
 
-_KEY_BLOCKS = 4
+_KEY_BLOCKS: Final = 4
 """The tie-break key names the first 4 blocks (512 B): requests sharing a system prompt share it."""
-_MIN_REPLICA_BLOCKS = 16
-_NEVER = float("-inf")
-_REFRESH_S = 1.0
+_MIN_REPLICA_BLOCKS: Final = 16
+_NEVER: Final = float("-inf")
+_REFRESH_S: Final = 1.0
+_XXH64: Final = xxhash.xxh64_intdigest
 
 
 def block_hashes(text: str, block: int, max_blocks: int) -> tuple[int, ...]:
-    """Chained xxh64 of the full `block`-byte blocks of the UTF-8 text (a partial tail block is ignored)."""
+    """Chained xxh64 of the full `block`-byte blocks of the UTF-8 text (a partial tail block is ignored).
+
+    Written for mypyc: a bytes slice and a counted `range` are native operations, a memoryview slice and a
+    `range` with a variable step are not."""
     data = text.encode("utf-8", "surrogatepass")
     count = min(len(data) // block, max_blocks)
     if not count:
         return ()
-    view = memoryview(data)
-    digest = xxhash.xxh64_intdigest
+    digest = _XXH64
     out = []
     h = 0
-    for start in range(0, count * block, block):
-        h = digest(view[start : start + block], h)
+    start = 0
+    for _ in range(count):
+        end = start + block
+        h = digest(data[start:end], h)
         out.append(h)
+        start = end
     return tuple(out)
 
 

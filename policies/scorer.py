@@ -9,7 +9,7 @@ directly instead (`SoloStrategy`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import xxhash
 
@@ -17,7 +17,7 @@ from policies.base import ReplicaView, RouteRequest
 from policies.options import RoutingOptions
 from policies.prefix_index import PrefixIndex
 
-ABSTAIN = float("nan")
+ABSTAIN: Final = float("nan")
 """The abstention marker: any NaN score is an abstention (tested with `x != x`, never by identity, which
 compiled code does not keep for floats)."""
 

@@ -7,7 +7,7 @@ not share a prefix. No tokenizer: the hot path stays linear in characters.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 
 def _content_text(content: Any) -> str:
@@ -26,7 +26,9 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-_MARKS = {role: f"<|{role}|>" for role in ("system", "developer", "user", "assistant", "tool", "function")}
+_MARKS: Final = {
+    role: f"<|{role}|>" for role in ("system", "developer", "user", "assistant", "tool", "function")
+}
 
 
 def chat_text(messages: Iterable[Any]) -> str:
