@@ -126,6 +126,8 @@ _HEADER_KINDS: Final[dict[bytes, int]] = {
 """Header name as received -> kind (0: forwarded as is). Most names arrive in one of a few spellings, so
 the lookup usually needs no lowercasing; names seen are added, up to `_HEADER_KINDS_MAX`."""
 _HEADER_KINDS_MAX: Final = 512
+_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in _SPECIAL_HEADERS})
+"""Bit n is set if some special header name is n bytes long."""
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PIPELINED: Final = 16
 """Complete requests queued behind the one in progress before the connection stops reading."""
@@ -358,6 +360,9 @@ class ClientConnection(asyncio.Protocol):
             self._header_limit()
         if self.pstate == _BODY:
             return  # chunked trailer: counted, not forwarded
+        if not (_SPECIAL_LENGTHS >> len(name)) & 1:  # no special name is this long: no hashing
+            self.req.forward.append(b"%s: %s\r\n" % (name, value))
+            return
         kind = _HEADER_KINDS.get(name)
         if kind is None:
             kind = _SPECIAL_HEADERS.get(name.lower(), 0)
@@ -451,8 +456,7 @@ class ClientConnection(asyncio.Protocol):
             extra = [t for t in tokens if t not in _CONNECTION_KEYWORDS]
             if extra:
                 req.forward = [line for line in req.forward if line.split(b":", 1)[0].lower() not in extra]
-        q = url.find(b"?")
-        path = url if q < 0 else url[:q]
+        path = url[: url.find(b"?")] if b"?" in url else url  # `in` is a cheap call, `find` is not
         route = server.routes.get(path)
         if route is None:
             req.error = (404, b"", error_body(f"Invalid URL ({_method_path(req)})", "invalid_request_error"))

@@ -11,11 +11,13 @@ from typing import Any
 import msgspec
 
 
-class RoutingFields(msgspec.Struct):
-    """The only part of a request body the gateway decodes; the body itself goes upstream untouched."""
+class RoutingFields(msgspec.Struct, gc=False):
+    """The only part of a request body the gateway decodes; the body itself goes upstream untouched.
+
+    Only fields that routing reads: every other key is skipped unread (and validated by the engine).
+    `gc=False`: a decoded request holds no reference cycles, so the collector need not track it."""
 
     model: str | None = None
-    stream: bool | None = None
     messages: list[Any] | None = None
     prompt: Any = None
     input: Any = None
@@ -23,4 +25,3 @@ class RoutingFields(msgspec.Struct):
     user: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stream_options: dict[str, Any] | None = None

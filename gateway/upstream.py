@@ -58,8 +58,11 @@ _HEADER_KINDS: Final[dict[bytes, int]] = {
 """Header name as received -> kind (0: relayed as is): most names arrive in one of two spellings, so the
 lookup usually needs no lowercasing. Names seen are added, up to `_HEADER_KINDS_MAX`."""
 _HEADER_KINDS_MAX: Final = 512
+_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in _RESPONSE_HEADERS})
+"""Bit n is set if some header name in `_RESPONSE_HEADERS` is n bytes long."""
 _MAX_HEAD: Final = 64 * 1024
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_MEMORYVIEW: Final = memoryview
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -70,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         "chunked",
         "closed",
         "cut_from",
+        "cut_guess",
+        "cut_size",
         "cuts",
         "dechunk",
         "done",
@@ -78,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "head_buf",
         "head_done",
+        "head_lines",
         "head_min",
         "in_chunk",
         "keep_alive",
@@ -122,8 +128,13 @@ class UpstreamConnection(asyncio.Protocol):
         head is searched for from there rather than from its start."""
         self.cuts: list[bytes] | None = None
         """Names (as received) of the header lines not relayed; the rest of the head goes out verbatim."""
+        self.head_lines = 0
         self.cut_from = 0
         """`head_min` before the first cut line: a lower bound of where that line starts."""
+        self.cut_guess = 0
+        self.cut_size = 0
+        """Where the first cut line starts and how long it is, if every line before it and itself have the
+        usual single space after the colon (checked before use)."""
         self.body_parts: list[bytes] = []
         self.chunked = False
         self.framed = False
@@ -242,35 +253,74 @@ class UpstreamConnection(asyncio.Protocol):
         sink.on_head(status, self.sse, close_client)
         if self.sink is None:
             return
-        first = buf.find(b"\r\n")
+        line = status_line(status)
+        n = len(line)
+        first = n - 2 if buf[:n] == line else buf.find(b"\r\n")  # the usual status line: no search
         end = buf.find(b"\r\n\r\n", first + self.head_min)
         if end < 0:
             end = buf.find(b"\r\n\r\n")  # never: head_min is a lower bound
-        head = b"%s%s%sx-request-id: %s\r\n%s%s%s\r\n" % (
-            status_line(status),
-            _kept_headers(buf, first, end, self.cuts, first + self.cut_from),
-            _CHUNKED if self.chunked and raw else b"",
-            sink.request_id,
-            self.pool.replica_header,
-            sink.routing_headers,
-            conn_line,
+        cuts = self.cuts
+        head = b"".join(
+            (
+                line,
+                buf[first + 2 : end + 2] if cuts is None else self._kept_headers(buf, first, end, cuts),
+                _CHUNKED if self.chunked and raw else b"",
+                b"x-request-id: ",
+                sink.request_id,
+                b"\r\n",
+                self.pool.replica_header,
+                sink.routing_headers,
+                conn_line,
+                b"\r\n",
+            )
         )
-        if raw:
-            body: bytes | memoryview = buf[end + 4 :] if len(buf) - end < 4096 else memoryview(buf)[end + 4 :]
-        else:
-            body = b"".join(self.body_parts)
-            self.body_parts = []
         self.relaying = True
         self.head_buf = b""
-        sink.bytes_out += len(body)
-        if type(body) is memoryview:
-            sink.client.writelines((head, body))  # one writev: a large body is not copied at all
+        size = len(buf) - end - 4
+        if raw and size >= 4096:
+            sink.bytes_out += size
+            sink.client.writelines((head, _MEMORYVIEW(buf)[end + 4 :]))  # one writev, the body not copied
         else:
-            sink.client.write(head + body if body else head)
-        if body:
+            if raw:
+                body = buf[end + 4 :]
+            else:
+                body = b"".join(self.body_parts)
+                self.body_parts = []
+            size = len(body)
+            sink.bytes_out += size
+            sink.client.write(head + body if size else head)
+        if size:
             self.n_chunks = 1
         if self.done:
             self._finish(sink, self.keep_alive)
+
+    def _kept_headers(self, head: bytes, first: int, end: int, cuts: list[bytes]) -> bytes:
+        """The response's header lines (each with its CRLF, as received) minus those named in `cuts`.
+
+        `first` is where the CRLF ending the status line starts, `end` where the blank line's CRLFCRLF
+        does. llhttp has already refused obs-fold, bare CR or LF, and whitespace before a colon, so every
+        header line is exactly CRLF, name, colon, and no value holds a CR or LF: a cut name's first
+        occurrence is the line to drop, and a CRLF found where a line would end with single spacing is
+        that line's end.
+        """
+        if len(cuts) == 1:  # the usual case (`Connection: keep-alive`): two slices of the head, one join
+            needle = _needle(cuts[0])
+            i = first + self.cut_guess
+            if head[i : i + len(needle)] != needle:
+                i = head.find(needle, first + self.cut_from, end)
+                if i < 0:
+                    return head[first + 2 : end + 2]
+            j = i + self.cut_size
+            if head[j : j + 2] != b"\r\n":
+                j = head.find(b"\r\n", i + 2)  # at most `end`: the blank line's CRLF ends the last header
+            return head[first + 2 : i + 2] + head[j + 2 : end + 2]
+        block = head[first:end]
+        for name in cuts:
+            i = block.find(_needle(name))
+            if i >= 0:
+                j = block.find(b"\r\n", i + 2)
+                block = block[:i] + block[j:] if j >= 0 else block[:i]
+        return block[2:] + b"\r\n" if block else b""
 
     def _protocol_error(self, sink: Exchange) -> None:
         before = not self.head_done
@@ -303,7 +353,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_done:
             return  # trailers travel raw inside the chunked body
         head_min = self.head_min
-        self.head_min = head_min + len(name) + len(value) + 3
+        size = len(name) + len(value) + 3
+        self.head_min = head_min + size
+        self.head_lines += 1
+        if not (_SPECIAL_LENGTHS >> len(name)) & 1:
+            return  # no header the gateway reads or drops is this long: relayed, no hashing
         kind = _HEADER_KINDS.get(name)
         if kind is None:
             kind = _RESPONSE_HEADERS.get(name.lower(), 0)
@@ -322,6 +376,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.cuts is None:
                 self.cuts = [name]
                 self.cut_from = head_min
+                self.cut_guess = head_min + self.head_lines - 1
+                self.cut_size = size + 1
             else:
                 self.cuts.append(name)
 
@@ -373,31 +429,6 @@ class _Dechunker:
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()
-
-
-def _kept_headers(head: bytes, first: int, end: int, cuts: list[bytes] | None, cut_from: int) -> bytes:
-    """The response's header lines (each with its CRLF, as received) minus those named in `cuts`.
-
-    `first` is where the CRLF ending the status line starts, `end` where the blank line's CRLFCRLF does,
-    `cut_from` a lower bound of where the CRLF before the first cut line starts.
-    llhttp has already refused obs-fold, bare LF and whitespace before a colon, so every header line is
-    exactly CRLF, name, colon: a cut name's first remaining occurrence is the line to drop.
-    """
-    if cuts is None:
-        return head[first + 2 : end + 2]
-    if len(cuts) == 1:  # the usual case (`Connection: keep-alive`): two slices of the head, one join
-        i = head.find(_needle(cuts[0]), cut_from, end)
-        if i < 0:
-            return head[first + 2 : end + 2]
-        j = head.find(b"\r\n", i + 2)  # at most `end`: the blank line's CRLF ends the last header
-        return head[first + 2 : i + 2] + head[j + 2 : end + 2]
-    block = head[first:end]
-    for name in cuts:
-        i = block.find(_needle(name))
-        if i >= 0:
-            j = block.find(b"\r\n", i + 2)
-            block = block[:i] + block[j:] if j >= 0 else block[:i]
-    return block[2:] + b"\r\n" if block else b""
 
 
 def _needle(name: bytes) -> bytes:
