@@ -116,12 +116,6 @@ _SPECIAL_HEADERS: Final[dict[bytes, int]] = {
 _HEADER_KINDS: Final[dict[bytes, int]] = {
     **_SPECIAL_HEADERS,
     **{name.title(): kind for name, kind in _SPECIAL_HEADERS.items()},
-    b"Content-Type": 0,
-    b"content-type": 0,
-    b"Authorization": 0,
-    b"authorization": 0,
-    b"Accept": 0,
-    b"User-Agent": 0,
 }
 """Header name as received -> kind (0: forwarded as is). Most names arrive in one of a few spellings, so
 the lookup usually needs no lowercasing; names seen are added, up to `_HEADER_KINDS_MAX`."""

@@ -72,7 +72,6 @@ class UpstreamConnection(asyncio.Protocol):
         "body_parts",
         "chunked",
         "closed",
-        "cut_from",
         "cut_guess",
         "cut_size",
         "cuts",
@@ -129,8 +128,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.cuts: list[bytes] | None = None
         """Names (as received) of the header lines not relayed; the rest of the head goes out verbatim."""
         self.head_lines = 0
-        self.cut_from = 0
-        """`head_min` before the first cut line: a lower bound of where that line starts."""
         self.cut_guess = 0
         self.cut_size = 0
         """Where the first cut line starts and how long it is, if every line before it and itself have the
@@ -307,7 +304,7 @@ class UpstreamConnection(asyncio.Protocol):
             needle = _needle(cuts[0])
             i = first + self.cut_guess
             if head[i : i + len(needle)] != needle:
-                i = head.find(needle, first + self.cut_from, end)
+                i = head.find(needle, first, end)
                 if i < 0:
                     return head[first + 2 : end + 2]
             j = i + self.cut_size
@@ -375,7 +372,6 @@ class UpstreamConnection(asyncio.Protocol):
                 self.chunked = b"chunked" in value.lower()
             if self.cuts is None:
                 self.cuts = [name]
-                self.cut_from = head_min
                 self.cut_guess = head_min + self.head_lines - 1
                 self.cut_size = size + 1
             else:
@@ -409,13 +405,13 @@ class _Dechunker:
         self.conn.on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self.conn.head_done = True
+        self.conn.on_headers_complete()
 
     def on_chunk_header(self) -> None:
-        self.conn.in_chunk = True
+        self.conn.on_chunk_header()
 
     def on_chunk_complete(self) -> None:
-        self.conn.in_chunk = False
+        self.conn.on_chunk_complete()
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
