@@ -60,10 +60,30 @@ def answer_bytes(body: bytes, content_type: bytes) -> bytes:
     )
 
 
+def chunked_parts(body: bytes, content_type: bytes) -> list[bytes]:
+    """What an engine streaming for real sends: a chunked head, then each SSE event in a chunk of its own,
+    each arriving in a read of its own (the last with the terminating chunk)."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
+        b"date: Mon, 30 Nov 2026 10:00:00 GMT\r\nserver: uvicorn\r\n\r\n" % content_type
+    )
+    events = [e + b"\n\n" for e in body.split(b"\n\n") if e.strip()]
+    parts = [head] + [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+    parts[-1] += b"0\r\n\r\n"
+    return parts
+
+
 SCENARIOS = {
     "chat": (HERE / "wrk" / "chat-request.json", HERE / "nginx" / "chat.json", b"application/json"),
     "stream": (HERE / "wrk" / "stream-request.json", HERE / "nginx" / "stream.sse", b"text/event-stream"),
+    "stream-chunked": (
+        HERE / "wrk" / "stream-request.json",
+        HERE / "nginx" / "stream.sse",
+        b"text/event-stream",
+    ),
 }
+"""`stream` is nginx's canned file (one Content-Length body, usually one read); `stream-chunked` is the
+same 64 events as an engine sends them, one chunk per read, so the per-chunk cost shows."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -120,7 +140,11 @@ class Rig:
     def __init__(self, variant: dict[str, Any], scenario: str, access_log_sink: io.StringIO) -> None:
         request_path, answer_path, content_type = SCENARIOS[scenario]
         self.request = request_bytes(request_path.read_bytes())
-        self.answer = answer_bytes(answer_path.read_bytes(), content_type)
+        if scenario == "stream-chunked":
+            self.answer_parts = chunked_parts(answer_path.read_bytes(), content_type)
+        else:
+            self.answer_parts = [answer_bytes(answer_path.read_bytes(), content_type)]
+        self.answer = b"".join(self.answer_parts)
         config = make_config(variant, capacity=64)
         self.telemetry = Telemetry(config.access_log, access_stream=access_log_sink)
         routers = Routers(config)
@@ -137,6 +161,7 @@ class Rig:
         self.client.connection_made(self.client_transport)  # type: ignore[arg-type]
         replica = next(iter(self.registry.replicas()))
         pool: UpstreamPool = replica.upstream  # type: ignore[assignment]
+        self.pool = pool
         self.upstream_transport = MemoryTransport()
         self.upstream = UpstreamConnection(pool)
         self.upstream.connection_made(self.upstream_transport)  # type: ignore[arg-type]
@@ -144,7 +169,9 @@ class Rig:
 
     def one(self) -> None:
         self.client.data_received(self.request)
-        self.upstream.data_received(self.answer)
+        upstream = self.upstream
+        for part in self.answer_parts:
+            upstream.data_received(part)
 
     def check(self) -> None:
         """The relay really happened: one request upstream, one 200 answer to the client."""
@@ -157,6 +184,8 @@ class Rig:
             raise SystemExit(f"nothing was sent upstream: {sent[:200]!r}")
         if not got.startswith(b"HTTP/1.1 200 OK\r\n") or not got.endswith(self.answer[-64:]):
             raise SystemExit(f"the client did not get the answer: {got[:300]!r}")
+        if self.upstream.sink is not None or self.upstream not in self.pool.idle:
+            raise SystemExit("the upstream connection did not go back to the pool after the answer")
 
     def run(self, n: int) -> float:
         """CPU microseconds per request over n requests."""
@@ -203,7 +232,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="requests per repetition")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per variant (medians reported)")
-    parser.add_argument("--scenarios", default="chat,stream", help="comma-separated: chat,stream")
+    parser.add_argument(
+        "--scenarios",
+        default="chat,stream,stream-chunked",
+        help="comma-separated: chat,stream,stream-chunked",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the default variant instead")
     parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
     args = parser.parse_args()
