@@ -261,6 +261,23 @@ def test_slow_request_head_is_cut_off(gateway_port: int) -> None:
             assert conn.collector.responses[0].status == 408
 
 
+def test_slow_request_body_is_cut_off(gateway_port: int) -> None:
+    """A body that trickles in after its head is cut off `timeouts.client_body_s` (2 s here) after the
+    head: each byte that arrives does not buy more time."""
+    with RawConnection(gateway_port) as conn:
+        conn.send(chat_head(100) + b'{"model": ')
+        started = time.monotonic()
+        for _ in range(8):
+            time.sleep(0.4)
+            try:
+                conn.send(b" ")
+            except OSError:
+                break
+        assert conn.wait_closed(5.0)
+        assert 1.5 < time.monotonic() - started < 4.0  # not extended by the trickle (that would be 5 s+)
+        assert conn.collector.responses and conn.collector.responses[0].status == 408
+
+
 def test_idle_keep_alive_connection_is_closed(gateway_port: int) -> None:
     with RawConnection(gateway_port) as conn:
         conn.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
