@@ -88,6 +88,13 @@ def answer(body: bytes, extra: bytes = b"") -> bytes:
     )
 
 
+def raw_chat_request() -> bytes:
+    """One keep-alive chat request (`CHAT`) as raw bytes, for tests that read the answer off the socket."""
+    body = json.dumps(CHAT).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
 def health_ok(sock: socket.socket, request: bytes) -> bool:
     """Health checks and scrapes get a quick answer."""
     if request.startswith(b"GET "):
@@ -204,11 +211,7 @@ def test_response_head_is_relayed_verbatim_minus_one_hop_header(
     fake = stack.enter_context(engine(script))
     config, port, _ = config_for(tmp_path, [("e", fake.url)])
     gateway(stack, tmp_path, config, port)
-    body = json.dumps(CHAT).encode()
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(body),
-        body,
-    )
+    request = raw_chat_request()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         for _ in range(2):  # the second answer comes over the kept-alive upstream connection
             sock.sendall(request)
@@ -312,11 +315,7 @@ def test_slow_reader_gets_everything_and_the_connection_is_reused(
     fake = stack.enter_context(engine(script))
     config, port, admin_port = config_for(tmp_path, [("e", fake.url)], extra="health: {interval_s: 60}")
     gateway(stack, tmp_path, config, port)
-    body = json.dumps(CHAT).encode()
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(body),
-        body,
-    )
+    request = raw_chat_request()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         sock.sendall(request)
